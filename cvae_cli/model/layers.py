@@ -1,0 +1,202 @@
+"""Convolutions, norms and resampling in time and space, each able to run on a stream of chunks.
+
+Every layer that looks at past frames takes an optional `StreamCache`. Without one it sees a whole
+clip, exactly as Open-Sora-Plan computes it. With one, it keeps what the next chunk needs (the last
+input frames, the phase of a stride, a frame held back for look-ahead), so a clip fed in chunks gives
+the whole-clip result wherever the model itself is causal (SPEC §4).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StreamCache:
+    """What each layer carries from one chunk to the next; `final` marks the stream's last chunk."""
+
+    def __init__(self) -> None:
+        self.state: dict[int, object] = {}
+        self.final = False
+
+    def get(self, layer: nn.Module, default=None):
+        return self.state.get(id(layer), default)
+
+    def put(self, layer: nn.Module, value) -> None:
+        self.state[id(layer)] = value
+
+
+def causal_window(layer: nn.Module, x: torch.Tensor, kernel: int, stride: int, cache: StreamCache | None):
+    """Prepend the past frames a temporal kernel needs: frame 0 repeated at the clip's start
+    (Open-Sora-Plan's causal padding), the previous chunk's unconsumed frames afterwards."""
+    if kernel == 1 and stride == 1:
+        return x
+    past = cache.get(layer) if cache is not None else None
+    if past is None:
+        past = x[:, :, :1].expand(-1, -1, kernel - 1, -1, -1)
+    x = torch.cat([past, x], dim=2)
+    if cache is not None:
+        windows = max(0, (x.shape[2] - kernel) // stride + 1)
+        cache.put(layer, x[:, :, windows * stride:].clone(memory_format=torch.contiguous_format))
+    return x
+
+
+def frames_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W): treat every frame as an image."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def frames_back(y: torch.Tensor, t: int) -> torch.Tensor:
+    """Inverse of `frames_first`."""
+    bt, c, h, w = y.shape
+    return y.reshape(bt // t, t, c, h, w).transpose(1, 2)
+
+
+class GroupNorm(nn.GroupNorm):
+    """32-group norm pooled over the whole clip ("clip", as trained) or per frame ("frame", as SD)."""
+
+    def __init__(self, channels: int, per_frame: bool):
+        super().__init__(32, channels, eps=1e-6, affine=True)
+        self.per_frame = per_frame
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5 and self.per_frame:
+            return frames_back(super().forward(frames_first(x)), x.shape[2])
+        return super().forward(x)
+
+
+class CausalConv3d(nn.Module):
+    """3-D convolution that sees only the present and past frames; the first frame pads time."""
+
+    def __init__(self, cin: int, cout: int, kernel_size, stride=1, padding=0):
+        super().__init__()
+        kernel_size = _triple(kernel_size)
+        self.time_kernel = kernel_size[0]
+        self.time_stride = _triple(stride)[0]
+        padding = (0,) + _triple(padding)[1:]
+        self.conv = nn.Conv3d(cin, cout, kernel_size, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.conv(causal_window(self, x, self.time_kernel, self.time_stride, cache))
+
+
+class FrameConv2d(nn.Conv2d):
+    """A 2-D convolution applied to every frame (Open-Sora-Plan's `Conv2d`)."""
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return frames_back(super().forward(frames_first(x)), x.shape[2])
+
+
+class SpatialDownsample2x(nn.Module):
+    """Zero-pad right and bottom, then a (1, 3, 3) stride-(1, 2, 2) causal conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = CausalConv3d(cin, cout, (1, 3, 3), stride=(1, 2, 2))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Downsample(nn.Module):
+    """SD's 2-D downsampling per frame: zero-pad right and bottom, 3x3 stride-2 conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=2)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return frames_back(self.conv(F.pad(frames_first(x), (0, 1, 0, 1))), x.shape[2])
+
+
+class SpatialUpsample2x(nn.Module):
+    """Nearest 2x per frame, then a (1, 3, 3) causal conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = CausalConv3d(cin, cout, (1, 3, 3), padding=1)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
+
+
+class TimeDownsample2x(nn.Module):
+    """Average of 3 frames, stride 2, frame 0 repeated in front: T -> (T + 1) / 2. No weights."""
+
+    def __init__(self, cin: int = 0, cout: int = 0):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return F.avg_pool3d(causal_window(self, x, 3, 2, cache), (3, 1, 1), stride=(2, 1, 1))
+
+
+class TimeDownsampleRes2x(nn.Module):
+    """v1.1.0's learned temporal downsampling: a mix of the 3-frame average and a stride-2 conv."""
+
+    def __init__(self, cin: int, cout: int, mix_factor: float = 2.0):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, 3, stride=(2, 1, 1), padding=(0, 1, 1))
+        self.mix_factor = nn.Parameter(torch.tensor([mix_factor]))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        x = causal_window(self, x, 3, 2, cache)
+        alpha = torch.sigmoid(self.mix_factor)
+        return alpha * F.avg_pool3d(x, (3, 1, 1), stride=(2, 1, 1)) + (1 - alpha) * self.conv(x)
+
+
+class TimeUpsample2x(nn.Module):
+    """Keep frame 0; double frames 1.. by linear interpolation in time: T -> 2T - 1. No weights.
+
+    Each new pair depends on the frame before and after its source frame, so when streaming the
+    last frame of a chunk is held back until the next chunk (or `cache.final`) supplies the one after.
+    """
+
+    def __init__(self, cin: int = 0, cout: int = 0):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        if cache is None:
+            if x.shape[2] == 1:
+                return x
+            rest = F.interpolate(x[:, :, 1:], scale_factor=(2, 1, 1), mode="trilinear")
+            return torch.cat([x[:, :, :1], rest], dim=2)
+        state = cache.get(self)
+        if state is None:  # stream start: frame 0 passes, frame 1 is its own predecessor
+            head, x = x[:, :, :1], x[:, :, 1:]
+            behind, held = None, x[:, :, :0]
+        else:
+            head = x[:, :, :0]
+            behind, held = state
+        pending = torch.cat([held, x], dim=2)
+        emit = pending if cache.final else pending[:, :, :-1]
+        ahead = pending[:, :, -1:]  # the next frame, or at the very end the last frame itself
+        if emit.shape[2] == 0:
+            cache.put(self, (behind, pending.clone()))
+            return head
+        cache.put(self, (emit[:, :, -1:].clone(), pending[:, :, emit.shape[2]:].clone()))
+        before = behind if behind is not None else emit[:, :, :1]
+        window = torch.cat([before, emit, ahead], dim=2)
+        pairs = F.interpolate(window, scale_factor=(2, 1, 1), mode="trilinear")[:, :, 2:-2]
+        return torch.cat([head, pairs], dim=2)
+
+
+class TimeUpsampleRes2x(nn.Module):
+    """v1.1.0's learned temporal upsampling: a mix of TimeUpsample2x and a causal conv of it."""
+
+    def __init__(self, cin: int, cout: int, mix_factor: float = 2.0):
+        super().__init__()
+        self.upsample = TimeUpsample2x()
+        self.conv = CausalConv3d(cin, cout, 3, padding=1)
+        self.mix_factor = nn.Parameter(torch.tensor([mix_factor]))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        x = self.upsample(x, cache)
+        if x.shape[2] == 0:
+            return x
+        alpha = torch.sigmoid(self.mix_factor)
+        return alpha * x + (1 - alpha) * self.conv(x, cache)
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)

@@ -1,0 +1,206 @@
+"""Encoder, decoder, posterior and the `CausalVAE` that ties them, keyed like Open-Sora-Plan."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import blocks, layers
+from .config import CausalVAEConfig
+from .layers import StreamCache
+
+BLOCKS = {
+    "CausalConv3d": layers.CausalConv3d, "Conv2d": layers.FrameConv2d,
+    "ResnetBlock3D": blocks.ResnetBlock3D, "ResnetBlock2D": blocks.ResnetBlock2D,
+    "AttnBlock3D": blocks.AttnBlock3D, "AttnBlock3DFix": blocks.AttnBlock3DFix,
+    "SpatialDownsample2x": layers.SpatialDownsample2x, "Downsample": layers.Downsample,
+    "SpatialUpsample2x": layers.SpatialUpsample2x,
+    "TimeDownsample2x": layers.TimeDownsample2x, "TimeDownsampleRes2x": layers.TimeDownsampleRes2x,
+    "TimeUpsample2x": layers.TimeUpsample2x, "TimeUpsampleRes2x": layers.TimeUpsampleRes2x,
+}
+
+
+def _resnet(name: str, cin: int, cout: int, cfg: CausalVAEConfig) -> nn.Module:
+    return BLOCKS[name](cin, cout, cfg.dropout, per_frame=cfg.norm == "frame")
+
+
+def _attention(name: str, channels: int, cfg: CausalVAEConfig) -> nn.Module:
+    return BLOCKS[name](channels, per_frame=cfg.norm == "frame")
+
+
+def _conv(name: str, cin: int, cout: int, kernel: int) -> nn.Module:
+    return BLOCKS[name](cin, cout, kernel, padding=kernel // 2)
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: resnets (and attentions), then resampling."""
+
+    def forward(self, h: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h, cache)
+            if len(self.attn):
+                h = self.attn[i](h, cache)
+        for name in ("downsample", "time_downsample", "upsample", "time_upsample"):
+            if hasattr(self, name) and h.shape[2]:
+                h = getattr(self, name)(h, cache)
+        return h
+
+
+class Mid(nn.Module):
+    def __init__(self, channels: int, cfg: CausalVAEConfig, resnet: str, attention: str):
+        super().__init__()
+        self.block_1 = _resnet(resnet, channels, channels, cfg)
+        self.attn_1 = _attention(attention, channels, cfg)
+        self.block_2 = _resnet(resnet, channels, channels, cfg)
+
+    def forward(self, h: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h, cache), cache), cache)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: CausalVAEConfig):
+        super().__init__()
+        mult = (1,) + tuple(cfg.hidden_size_mult)
+        self.conv_in = _conv(cfg.encoder_conv_in, cfg.in_channels, cfg.hidden_size, 3)
+        self.down = nn.ModuleList()
+        res = cfg.resolution or 256
+        for i in range(len(cfg.hidden_size_mult)):
+            level, cin, cout = Level(), cfg.hidden_size * mult[i], cfg.hidden_size * mult[i + 1]
+            level.block = nn.ModuleList(
+                _resnet(cfg.encoder_resnet_blocks[i], cin if j == 0 else cout, cout, cfg)
+                for j in range(cfg.num_res_blocks))
+            level.attn = nn.ModuleList(
+                _attention(cfg.encoder_attention, cout, cfg)
+                for _ in range(cfg.num_res_blocks) if res in cfg.attn_resolutions)
+            if cfg.encoder_spatial_downsample[i]:
+                level.downsample = BLOCKS[cfg.encoder_spatial_downsample[i]](cout, cout)
+                res //= 2
+            if cfg.encoder_temporal_downsample[i]:
+                level.time_downsample = BLOCKS[cfg.encoder_temporal_downsample[i]](cout, cout)
+            self.down.append(level)
+        width = cfg.hidden_size * mult[-1]
+        self.mid = Mid(width, cfg, cfg.encoder_mid_resnet, cfg.encoder_attention)
+        self.norm_out = layers.GroupNorm(width, per_frame=cfg.norm == "frame")
+        self.conv_out = _conv(cfg.encoder_conv_out, width, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        h = self.conv_in(x, cache)
+        for level in self.down:
+            h = level(h, cache)
+        h = self.mid(h, cache)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: CausalVAEConfig):
+        super().__init__()
+        levels = len(cfg.hidden_size_mult)
+        width = cfg.hidden_size * cfg.hidden_size_mult[-1]
+        res = (cfg.resolution or 256) // 2 ** (levels - 1)
+        self.conv_in = _conv(cfg.decoder_conv_in, cfg.z_channels, width, 3)
+        self.mid = Mid(width, cfg, cfg.decoder_mid_resnet, cfg.decoder_attention)
+        up = []
+        for i in reversed(range(levels)):
+            level, cout = Level(), cfg.hidden_size * cfg.hidden_size_mult[i]
+            level.block = nn.ModuleList(
+                _resnet(cfg.decoder_resnet_blocks[i], width if j == 0 else cout, cout, cfg)
+                for j in range(cfg.num_res_blocks + 1))
+            level.attn = nn.ModuleList(
+                _attention(cfg.decoder_attention, cout, cfg)
+                for _ in range(cfg.num_res_blocks + 1) if res in cfg.attn_resolutions)
+            if cfg.decoder_spatial_upsample[i]:
+                level.upsample = BLOCKS[cfg.decoder_spatial_upsample[i]](cout, cout)
+                res *= 2
+            if cfg.decoder_temporal_upsample[i]:
+                level.time_upsample = BLOCKS[cfg.decoder_temporal_upsample[i]](cout, cout)
+            up.insert(0, level)
+            width = cout
+        self.up = nn.ModuleList(up)
+        self.norm_out = layers.GroupNorm(width, per_frame=cfg.norm == "frame")
+        self.conv_out = _conv(cfg.decoder_conv_out, width, cfg.out_channels, 3)
+        self.space_scale = 2 ** sum(bool(s) for s in cfg.decoder_spatial_upsample)
+
+    def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        h = self.mid(self.conv_in(z, cache), cache)
+        for level in reversed(self.up):
+            h = level(h, cache)
+            if h.shape[2] == 0:  # streaming: every frame so far is held back for look-ahead
+                s = self.space_scale
+                return z.new_zeros(z.shape[0], self.conv_out.conv.out_channels, 0, z.shape[3] * s, z.shape[4] * s)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)
+
+
+@dataclass
+class DiagonalGaussian:
+    """The encoder's posterior over latents; `mode()` is what a tokenizer normally stores."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
+        mean, logvar = moments.chunk(2, dim=1)
+        return cls(mean, logvar.clamp(-30.0, 20.0))
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
+                            device=generator.device if generator is not None else self.mean.device)
+        return self.mean + self.std * noise.to(self.mean.device)
+
+
+class CausalVAE(nn.Module):
+    """Open-Sora-Plan's `CausalVAEModel`: its state_dict keys and shapes, its arithmetic.
+
+    Clips are (B, 3, T, H, W) in [-1, 1] with T = 1 + 4k and H, W multiples of 8 (for the released
+    4x8x8 layout); an image is a 1-frame clip. Pass a `StreamCache` to feed a clip in chunks.
+    """
+
+    def __init__(self, config: CausalVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        q = layers.CausalConv3d
+        self.quant_conv = q(2 * config.z_channels, 2 * config.embed_dim, 1)
+        self.post_quant_conv = q(config.embed_dim, config.z_channels, 1)
+
+    @classmethod
+    def from_pretrained(cls, source: str, **kwargs) -> "CausalVAE":
+        """Load from a folder, a cvae `.safetensors` or a hub repo id (see `cvae_cli.checkpoints`)."""
+        from ..checkpoints import load_model  # files and the hub live outside the model
+
+        return load_model(source, **kwargs)
+
+    def encode(self, x: torch.Tensor, cache: StreamCache | None = None) -> DiagonalGaussian:
+        self._check_pixels(x, first=cache is None or not cache.state)
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, cache), cache))
+
+    def decode(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        if z.ndim != 5 or z.shape[1] != self.config.embed_dim:
+            raise ValueError(f"latents must be (B, {self.config.embed_dim}, T, H, W), got {tuple(z.shape)}")
+        return self.decoder(self.post_quant_conv(z, cache), cache)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x).mode())
+
+    def _check_pixels(self, x: torch.Tensor, first: bool) -> None:
+        cfg, ft, fs = self.config, self.config.time_compression, self.config.space_compression
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"pixels must be (B, {cfg.in_channels}, T, H, W), got {tuple(x.shape)}; "
+                             f"an image is a clip with T = 1")
+        t, h, w = x.shape[2:]
+        if first and (t - 1) % ft:
+            raise ValueError(f"frame count must be 1 + {ft}k (got {t}): pad by repeating the last frame")
+        if not first and t % ft:
+            raise ValueError(f"a continuing chunk must hold a multiple of {ft} frames (got {t})")
+        if h % fs or w % fs:
+            raise ValueError(f"height and width must be multiples of {fs} (got {h}x{w}): pad the edges")

@@ -1,0 +1,81 @@
+"""The model against Open-Sora-Plan's own outputs, and its input checks."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cvae_cli.model import CausalVAE, CausalVAEConfig, DiagonalGaussian, v1_1_0_config
+from conftest import fixture_file, random_model, rel_err
+
+
+def load_reference(version: str):
+    f = safe_open(str(fixture_file(version)), "pt")
+    config = CausalVAEConfig(**json.loads(f.metadata()["config"]))  # training-only fields included
+    model = CausalVAE(config).eval()
+    model.load_state_dict({k[len("model."):]: f.get_tensor(k).float() for k in f.keys() if k.startswith("model.")},
+                          strict=True)
+    return f, model
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+@pytest.mark.parametrize("frames", [1, 9, 17])
+@torch.no_grad()
+def test_reproduces_open_sora_plan(version, frames):
+    f, model = load_reference(version)
+    x = f.get_tensor(f"input.t{frames}")
+    moments = model.quant_conv(model.encoder(x))
+    assert rel_err(moments, f.get_tensor(f"moments.t{frames}")) < 1e-4
+    decoded = model.decode(DiagonalGaussian.from_moments(moments).mode())
+    assert rel_err(decoded, f.get_tensor(f"decoded.t{frames}")) < 1e-4
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+def test_released_config_builds_full_size_model(version):
+    f = safe_open(str(fixture_file(version)), "pt")
+    released = json.loads(f.metadata()["released_config"])
+    model = CausalVAE(CausalVAEConfig(**released))
+    keys = {k for k in model.state_dict()}
+    assert "encoder.conv_in.weight" in keys if version == "1.1.0" else "encoder.conv_in.conv.weight" in keys
+    if version == "1.0.0":  # SPEC §2: 229 M parameters
+        assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 229) < 1
+
+
+def test_v1_1_0_helper_matches_released_layout():
+    f = safe_open(str(fixture_file("1.1.0")), "pt")
+    released = CausalVAEConfig(**json.loads(f.metadata()["released_config"]))
+    assert v1_1_0_config().to_dict() == released.to_dict()
+
+
+def test_posterior_clamps_logvar_and_samples_reproducibly():
+    moments = torch.cat([torch.zeros(1, 4, 1, 2, 2), torch.full((1, 4, 1, 2, 2), 50.0)], dim=1)
+    post = DiagonalGaussian.from_moments(moments)
+    assert post.logvar.max().item() == 20.0
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(post.sample(generator=g1), post.sample(generator=g2))
+    assert not torch.equal(post.sample(), post.mode())
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((3, 5, 16, 16), "pixels must be"),
+    ((1, 4, 5, 16, 16), "pixels must be"),
+    ((1, 3, 4, 16, 16), "1 + 4k"),
+    ((1, 3, 5, 12, 16), "multiples of 8"),
+])
+def test_bad_input_says_what_to_do(shape, message):
+    model = random_model()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.encode(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("encoder_attention", "AttnBlockXL", "unknown block 'AttnBlockXL'"),
+    ("encoder_resnet_blocks", ["ResnetBlock3D"] * 3, "expected 4"),
+    ("norm", "batch", "norm must be"),
+])
+def test_config_refuses_unknown_blocks(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        CausalVAEConfig(**{field: value})
