@@ -1,0 +1,306 @@
+"""Latent files: a `.safetensors` with the latent (C, T', H', W'), optionally its log-variance,
+and versioned string metadata that says everything decode needs (SPEC §5).
+
+The stored latent is the raw posterior (mean, or a sample when `sampled`), *not* multiplied by
+`scaling_factor`; the factor is recorded for diffusion users. Writing streams: chunks go to a raw
+temporary file as they are produced and the safetensors file is assembled at close, one channel
+block at a time, so memory never holds the whole latent. The final file appears atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .errors import CvaeError
+
+FORMAT_VERSION = 1
+DEFAULT_SCALING_FACTOR = 0.18215
+_PREFIX = "cvae."
+_COPY_BLOCK_BYTES = 64 << 20  # bytes copied per write when assembling the file
+
+# name -> (torch dtype, safetensors dtype tag, numpy dtype holding the same bytes)
+_DTYPES = {
+    "float32": (torch.float32, "F32", np.float32),
+    "float16": (torch.float16, "F16", np.float16),
+    "bfloat16": (torch.bfloat16, "BF16", np.uint16),  # numpy has no bf16: move raw bits
+}
+
+
+def _format_fps(fps: Fraction | None) -> str:
+    return "" if fps is None else f"{fps.numerator}/{fps.denominator}"
+
+
+def _parse_fps(s: str) -> Fraction | None:
+    return None if s == "" else Fraction(s)
+
+
+def _parse_bool(s: str) -> bool:
+    if s not in ("true", "false"):
+        raise ValueError(s)
+    return s == "true"
+
+
+def _parse_dtype(s: str) -> str:
+    if s not in _DTYPES:
+        raise ValueError(s)
+    return s
+
+
+@dataclass
+class LatentMeta:
+    """What a latent file says about itself; every field is stored as a string `cvae.<field>`."""
+
+    model_id: str  # identity of the weights (e.g. a hash); decode checks it against its own
+    model_config: str  # JSON of the model config, enough to rebuild the architecture
+    frames: int  # original frame count, before padding
+    height: int
+    width: int
+    padded_frames: int  # what the model saw: edges repeated at the end / right / bottom
+    padded_height: int
+    padded_width: int
+    fps: Fraction | None  # None for a still image
+    source: str  # input file name
+    dtype: str = "float32"  # of the stored tensors: float32, float16 or bfloat16
+    scaling_factor: float = DEFAULT_SCALING_FACTOR
+    sampled: bool = False  # posterior sample (True) or mean (False)
+    format_version: int = FORMAT_VERSION
+
+    _PARSERS = {"frames": int, "height": int, "width": int, "padded_frames": int,
+                "padded_height": int, "padded_width": int, "format_version": int,
+                "fps": _parse_fps, "scaling_factor": float, "sampled": _parse_bool, "dtype": _parse_dtype}
+
+    def to_metadata(self) -> dict[str, str]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "fps":
+                s = _format_fps(v)
+            elif isinstance(v, bool):
+                s = "true" if v else "false"
+            elif isinstance(v, float):
+                s = repr(v)
+            else:
+                s = str(v)
+            out[_PREFIX + f.name] = s
+        return out
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str] | None, where: str = "latent file") -> LatentMeta:
+        md = metadata or {}
+        version = md.get(_PREFIX + "format_version")
+        if version is None or not version.isdigit():
+            raise CvaeError(f"{where} is not a cvae latent file")
+        if int(version) != FORMAT_VERSION:
+            raise CvaeError(f"{where}: latent format version {version} is not supported "
+                            f"(this cvae reads {FORMAT_VERSION})")
+        values = {}
+        for f in dataclasses.fields(cls):
+            key = _PREFIX + f.name
+            if key not in md:
+                raise CvaeError(f"{where} is not a cvae latent file (metadata {key} is missing)")
+            try:
+                values[f.name] = cls._PARSERS.get(f.name, str)(md[key])
+            except (ValueError, ZeroDivisionError):
+                raise CvaeError(f"{where} is not a cvae latent file "
+                                f"(metadata {key} = {md[key]!r} is invalid)") from None
+        return cls(**values)
+
+    @property
+    def latent_channels(self) -> int:
+        """The config's `embed_dim` (4 for every released model)."""
+        try:
+            return int(json.loads(self.model_config).get("embed_dim", 4))
+        except (ValueError, TypeError, AttributeError):
+            return 4
+
+
+def check_compatible(meta: LatentMeta, model_id: str, where: str = "latent file") -> None:
+    """Raise when the latent was made by other weights; the CLI decides whether to call this."""
+    if meta.model_id != model_id:
+        raise CvaeError(f"{where} was encoded with weights {meta.model_id}, but the loaded weights "
+                        f"are {model_id} (pass --weights for the matching ones, or --force)")
+
+
+class LatentWriter:
+    """Append latent chunks (C, t, H', W') as they come; `close()` assembles the file atomically.
+
+    Chunks go to raw temporary files (frame-major, beside the target so a long video's latents
+    land on the target's disk, not in /tmp); on any exception inside `with`, both the raw files and
+    the half-made output are removed and nothing appears at `path`.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: LatentMeta, with_logvar: bool = False):
+        if sys.byteorder != "little":
+            raise CvaeError("writing latent files needs a little-endian machine")
+        if meta.dtype not in _DTYPES:
+            raise ValueError(f"unsupported latent dtype {meta.dtype!r}")
+        self.path, self.meta = Path(path), meta
+        self.names = ("latent", "logvar") if with_logvar else ("latent",)
+        self._torch_dtype, self._tag, self._np_dtype = _DTYPES[meta.dtype]
+        self._chw: tuple[int, int, int] | None = None
+        self.frames = 0
+        self._raw: dict[str, tuple[Path, object]] = {}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for name in self.names:
+                fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".{name}.raw",
+                                           dir=self.path.parent)
+                self._raw[name] = (Path(tmp), os.fdopen(fd, "wb"))
+        except OSError as e:
+            self.abort()
+            raise CvaeError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+    def append(self, latent: torch.Tensor, logvar: torch.Tensor | None = None) -> None:
+        if (logvar is not None) != ("logvar" in self.names):
+            raise ValueError("pass logvar chunks exactly when the writer was made with_logvar=True")
+        if latent.ndim != 4 or (self._chw is not None and
+                                (latent.shape[0], *latent.shape[2:]) != self._chw):
+            raise ValueError(f"latent chunk of shape {tuple(latent.shape)} does not continue "
+                             f"(C, t, H', W') = {self._chw}")
+        if logvar is not None and logvar.shape != latent.shape:
+            raise ValueError(f"logvar chunk {tuple(logvar.shape)} != latent chunk {tuple(latent.shape)}")
+        self._chw = (latent.shape[0], *latent.shape[2:])
+        for name, t in zip(self.names, (latent, logvar)):
+            t = t.detach().to("cpu", self._torch_dtype).permute(1, 0, 2, 3).contiguous()
+            if t.dtype == torch.bfloat16:
+                t = t.view(torch.int16)
+            self._raw[name][1].write(memoryview(t.numpy()).cast("B"))
+        self.frames += latent.shape[1]
+
+    def close(self) -> None:
+        """Write `path` from the raw files and remove them (a second call does nothing)."""
+        if not self._raw:
+            return
+        try:
+            if self._chw is None:
+                raise CvaeError(f"{self.path}: no latent frames to write")
+            for _, f in self._raw.values():
+                f.close()
+            c, h, w = self._chw
+            t = self.frames
+            itemsize = np.dtype(self._np_dtype).itemsize
+            nbytes = c * t * h * w * itemsize
+            header: dict = {"__metadata__": self.meta.to_metadata()}
+            for i, name in enumerate(self.names):
+                header[name] = {"dtype": self._tag, "shape": [c, t, h, w],
+                                "data_offsets": [i * nbytes, (i + 1) * nbytes]}
+            hb = json.dumps(header, separators=(",", ":")).encode()
+            hb += b" " * (-len(hb) % 8)  # keep the data 8-byte aligned, as safetensors does
+            block = max(1, _COPY_BLOCK_BYTES // (c * h * w * itemsize))  # frames mapped at once
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
+                out.write(struct.pack("<Q", len(hb)) + hb)
+                for name in self.names:  # (T, C, H, W) on disk -> (C, T, H, W) in the file
+                    for ch in range(c):
+                        for t0 in range(0, t, block):  # map one window at a time: bounded RSS
+                            n = min(block, t - t0)
+                            mm = np.memmap(self._raw[name][0], dtype=self._np_dtype, mode="r",
+                                           offset=t0 * c * h * w * itemsize, shape=(n, c, h, w))
+                            out.write(np.ascontiguousarray(mm[:, ch]).data)
+                            del mm
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything written so far (the raw files); `path` is left untouched."""
+        for tmp, f in self._raw.values():
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self._raw = {}
+
+    def __enter__(self) -> LatentWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+    if not path.exists():
+        raise CvaeError(f"{path} does not exist")
+    try:
+        from safetensors import safe_open
+        handle = safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, OSError, ...: say what the library said
+        raise CvaeError(f"{path} is not a readable safetensors file: {e}") from None
+    with handle as f:
+        yield f
+
+
+@dataclass(frozen=True)
+class LatentFile:
+    """An opened latent file: metadata and shape are read eagerly, tensors only on request."""
+
+    path: Path
+    meta: LatentMeta
+    shape: tuple[int, int, int, int]  # (C, T', H', W')
+    has_logvar: bool
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> LatentFile:
+        path = Path(path)
+        with _open_safetensors(path) as f:
+            meta = LatentMeta.from_metadata(f.metadata(), where=str(path))
+            keys = set(f.keys())
+            if "latent" not in keys:
+                raise CvaeError(f"{path} has no 'latent' tensor")
+            shape = tuple(f.get_slice("latent").get_shape())
+            if len(shape) != 4:
+                raise CvaeError(f"{path}: 'latent' has shape {shape}, expected (C, T, H, W)")
+            if shape[0] != meta.latent_channels:
+                raise CvaeError(f"{path}: 'latent' has {shape[0]} channels, expected {meta.latent_channels}")
+            has_logvar = "logvar" in keys
+            if has_logvar and tuple(f.get_slice("logvar").get_shape()) != shape:
+                raise CvaeError(f"{path}: 'logvar' and 'latent' have different shapes")
+        return cls(path, meta, shape, has_logvar)
+
+    @property
+    def frames(self) -> int:
+        """Latent frames T'."""
+        return self.shape[1]
+
+    def _check(self, tensor: str) -> None:
+        if tensor not in (("latent", "logvar") if self.has_logvar else ("latent",)):
+            raise CvaeError(f"{self.path} has no {tensor!r} tensor")
+
+    def read(self, dtype: torch.dtype = torch.float32, tensor: str = "latent") -> torch.Tensor:
+        """The whole tensor (C, T', H', W'); for long videos prefer `iter_chunks`."""
+        self._check(tensor)
+        with _open_safetensors(self.path) as f:
+            return f.get_tensor(tensor).to(dtype)
+
+    def iter_chunks(self, frames_per_chunk: int, dtype: torch.dtype = torch.float32,
+                    tensor: str = "latent") -> Iterator[torch.Tensor]:
+        """Yield (C, t, H', W') slices of at most `frames_per_chunk` latent frames, in order."""
+        if frames_per_chunk < 1:
+            raise ValueError("frames_per_chunk must be >= 1")
+        self._check(tensor)
+        with _open_safetensors(self.path) as f:
+            sl = f.get_slice(tensor)
+            for t0 in range(0, self.frames, frames_per_chunk):
+                yield sl[:, t0:t0 + frames_per_chunk].to(dtype)
+
+    @staticmethod
+    def save(path: str | os.PathLike, latent: torch.Tensor, meta: LatentMeta,
+             logvar: torch.Tensor | None = None) -> LatentFile:
+        """Write a small in-memory latent (C, T', H', W') in one go."""
+        with LatentWriter(path, meta, with_logvar=logvar is not None) as w:
+            w.append(latent, logvar)
+        return LatentFile.open(path)
