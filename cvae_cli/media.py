@@ -1,0 +1,415 @@
+"""Frames in and out of containers and images: PyAV for video, Pillow for stills. No torch here.
+
+A frame is a numpy uint8 array (H, W, 3), RGB, upright: rotation metadata and EXIF orientation are
+applied to the pixels, so callers never look at metadata. Videos are streamed frame by frame.
+"""
+from __future__ import annotations
+
+import contextlib
+import heapq
+from collections import deque
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+from .atomic import atomic_path
+from .errors import CvaeError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+# Pillow opens these, but they are animations: they go through PyAV as videos.
+_PIL_ANIMATION_FORMATS = frozenset({"GIF", "FLI"})
+# Container tag holding the size the caller asked for when VideoWriter padded an odd size to even.
+_SIZE_TAG = "cvae_size"
+_REORDER_WINDOW = 8
+# Matroska and others round times to milliseconds: a frame stamped up to this much after a tick
+# counts as at the tick, and the last tick must start this much before the video ends.
+_TICK_SLACK = Fraction(1, 1000)
+_RESAMPLE = Image.Resampling.LANCZOS
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a file holds. `frame_count` is the container's claim (None if it has none): headers lie
+    (opencv's tree.avi claims 444 frames, 68 decode), so use it for progress bars, not for logic."""
+
+    path: str
+    width: int  # as displayed, after rotation
+    height: int
+    fps: Fraction | None  # None for stills
+    frame_count: int | None
+    is_image: bool
+    rotation: int = 0  # degrees counter-clockwise applied to the stored pixels (0, 90, 180, 270)
+
+
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Scale (width, height) down so the longer side is at most `max_side`, keeping the aspect
+    ratio; never scales up."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def is_image(path) -> bool:
+    """True for a still image. An existing file is judged by content (a .gif or an animation is a
+    video, a mislabelled PNG is an image); a path that does not exist yet, by its suffix."""
+    p = Path(path)
+    if p.is_file():
+        fmt = _pil_format(p)
+        return fmt is not None and fmt not in _PIL_ANIMATION_FORMATS
+    return p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def probe(path) -> MediaInfo:
+    """Size, rate and claimed length. Decodes the first video frame: it carries the rotation, and a
+    file whose first frame does not decode should fail here rather than mid-run."""
+    p = _existing_file(path)
+    if _is_still(p):
+        with _pil_errors(p), Image.open(p) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+                w, h = h, w
+        return MediaInfo(str(p), w, h, None, 1, True, 0)
+    with _open_video(p) as (container, stream):
+        frames = _decode(p, container, stream, allow_partial=True)
+        try:
+            first = next(frames)
+        finally:
+            frames.close()
+        crop = _crop_size(container, first)
+        w, h = crop or (first.width, first.height)
+        rotation = _quarter_turns(first) * 90
+        if rotation in (90, 270):
+            w, h = h, w
+        fps = stream.average_rate or stream.guessed_rate or None
+        return MediaInfo(str(p), w, h, Fraction(fps) if fps else None, stream.frames or None, False, rotation)
+
+
+def read_frames(path, *, start: int = 0, end: int | None = None, fps=None,
+                size: tuple[int, int] | None = None, allow_partial: bool = False) -> Iterator[np.ndarray]:
+    """Yield upright RGB frames [start, end) (indices after resampling to `fps` when given),
+    resized to `size` = (W, H) when given. A still image yields one frame (index 0).
+
+    Corruption rule: a video is corrupt when the demuxer or decoder raises, or when fewer packets
+    could be read than the container's own index lists (a file cut short). The header frame count
+    alone is never evidence. Then CvaeError is raised after the frames already yielded, unless
+    `allow_partial`, which stops quietly. Decoders that conceal damage silently are not caught.
+    A missing file or bad argument raises at the call; problems inside the file, at iteration.
+    """
+    p = _existing_file(path)
+    fps = None if fps is None else _fraction(fps)
+    if start < 0 or (end is not None and end < 0) or (fps is not None and fps <= 0):
+        raise ValueError(f"bad selection: start={start} end={end} fps={fps}")
+    if _is_still(p):
+        return iter([_resize(_load_image(p), size)] if start == 0 and (end is None or end > 0) else [])
+    return _video_frames(p, start, end, fps, size, allow_partial)
+
+
+def _video_frames(p: Path, start, end, fps, size, allow_partial) -> Iterator[np.ndarray]:
+    if end is not None and end <= start:
+        return
+    with _open_video(p) as (container, stream):
+        frames = _decode(p, container, stream, allow_partial)
+        if fps is not None:
+            frames = _resample(_timed(frames, stream), fps, stream)
+        crop = False  # unknown until the first frame
+        last_frame = last_array = None
+        for i, frame in enumerate(frames):
+            if end is not None and i >= end:
+                return
+            if i < start:
+                continue
+            if frame is last_frame:  # a repeat from resampling: same pixels, own buffer
+                yield last_array.copy()
+                continue
+            if crop is False:
+                crop = _crop_size(container, frame)
+            array = _to_rgb(frame, crop, size)
+            last_frame, last_array = frame, array
+            yield array
+
+
+class VideoWriter:
+    """H.264 (libx264, yuv420p) mp4 writer; the file appears at `path` only when the `with` ends
+    without an exception.
+
+    Odd sizes: 4:2:0 H.264 cannot code an odd width or height, so the frame is padded to even by
+    repeating its last column/row, and the asked-for size is stored in a container tag that
+    `read_frames`/`probe` use to crop back: our own round trip keeps the exact size, other players
+    show at most one repeated edge pixel. Colours are converted with BT.709 (limited range) and the
+    stream is tagged so, which is what players assume for HD and what `read_frames` honours.
+    """
+
+    def __init__(self, path, fps, width: int, height: int, crf: int = 18, preset: str = "medium"):
+        self.path = Path(path)
+        self.fps = _fraction(fps)
+        self.width, self.height = int(width), int(height)
+        self.coded_width, self.coded_height = self.width + self.width % 2, self.height + self.height % 2
+        self.crf, self.preset = crf, preset
+        self.frames_written = 0
+        self._stack = contextlib.ExitStack()
+        self._container = self._stream = None
+
+    def __enter__(self) -> "VideoWriter":
+        if self.width < 1 or self.height < 1 or self.fps <= 0:
+            raise ValueError(f"bad video size or rate: {self.width}x{self.height} @ {self.fps}")
+        with self._stack:
+            tmp = self._stack.enter_context(atomic_path(self.path))
+            with self._av_errors():
+                fmt = {".mov": "mov", ".mkv": "matroska"}.get(self.path.suffix.lower(), "mp4")
+                opts = {"movflags": "use_metadata_tags"} if fmt != "matroska" else {}
+                self._container = av.open(str(tmp), "w", format=fmt, options=opts)
+                self._stack.push(self._close_container)
+                if (self.coded_width, self.coded_height) != (self.width, self.height):
+                    self._container.metadata[_SIZE_TAG] = f"{self.width}x{self.height}"
+                s = self._container.add_stream("libx264", rate=self.fps)
+                s.width, s.height, s.pix_fmt = self.coded_width, self.coded_height, "yuv420p"
+                cc = s.codec_context
+                cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709
+                cc.color_range = 1  # limited ("tv")
+                s.options = {"crf": str(self.crf), "preset": self.preset}
+                self._stream = s
+            self._stack = self._stack.pop_all()
+        return self
+
+    def write(self, frame: np.ndarray) -> None:
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 frame of shape {(self.height, self.width, 3)}, "
+                             f"got {frame.dtype} {frame.shape}")
+        pad_h, pad_w = self.coded_height - self.height, self.coded_width - self.width
+        if pad_h or pad_w:
+            frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        vf = vf.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range=1)
+        vf.pts, vf.time_base = self.frames_written, 1 / self.fps
+        with self._av_errors():
+            for packet in self._stream.encode(vf):
+                self._container.mux(packet)
+        self.frames_written += 1
+
+    def __exit__(self, exc_type, exc, tb):
+        # The stack closes the container, then renames the temp file (or removes it on error).
+        if exc_type is not None:
+            return self._stack.__exit__(exc_type, exc, tb)
+        with self._stack:
+            if self.frames_written == 0:
+                raise CvaeError(f"no frames to write to {self.path}")
+            with self._av_errors():
+                for packet in self._stream.encode(None):
+                    self._container.mux(packet)
+
+    def _close_container(self, exc_type, exc, tb) -> bool:
+        try:
+            self._container.close()  # writes the trailer
+        except (av.error.FFmpegError, OSError) as e:
+            if exc_type is None:  # on the error path the first error is the one to report
+                raise CvaeError(f"cannot write {self.path}: {e}") from None
+        return False
+
+    @contextlib.contextmanager
+    def _av_errors(self):
+        try:
+            yield
+        except (av.error.FFmpegError, OSError) as e:
+            raise CvaeError(f"cannot write {self.path}: {e}") from None
+
+
+def write_image(path, frame: np.ndarray) -> None:
+    """Write one RGB frame as png / jpg / webp / bmp / tiff (by suffix), atomically."""
+    path = Path(path)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+           ".tif": "TIFF", ".tiff": "TIFF"}.get(path.suffix.lower())
+    if fmt is None:
+        raise CvaeError(f"{path}: unknown image type (use one of {', '.join(sorted(IMAGE_SUFFIXES))})")
+    image = Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8), "RGB")
+    opts = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    with atomic_path(path) as tmp:
+        try:
+            image.save(tmp, format=fmt, **opts)
+        except OSError as e:
+            raise CvaeError(f"cannot write {path}: {e}") from None
+
+
+# ---------------------------------------------------------------- internals
+
+def _existing_file(path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CvaeError(f"no such file: {p}")
+    if not p.is_file():
+        raise CvaeError(f"{p} is not a file")
+    return p
+
+
+def _is_still(p: Path) -> bool:
+    if is_image(p):
+        return True
+    if p.suffix.lower() in IMAGE_SUFFIXES:  # named like an image, Pillow cannot read it
+        raise CvaeError(f"{p} is not an image or video PyAV/Pillow can read")
+    return False
+
+
+def _fraction(x) -> Fraction:
+    return Fraction(str(x)) if isinstance(x, float) else Fraction(x)
+
+
+def _pil_format(p: Path) -> str | None:
+    try:
+        with Image.open(p) as im:
+            return im.format
+    except Image.DecompressionBombError as e:
+        raise CvaeError(f"{p}: {e}") from None
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+        return None
+
+
+@contextlib.contextmanager
+def _pil_errors(p: Path):
+    try:
+        yield
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CvaeError(f"{p}: image is corrupt or truncated ({e})") from None
+
+
+def _load_image(p: Path) -> np.ndarray:
+    with _pil_errors(p), Image.open(p) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I"):  # 16/32-bit grey: convert("RGB") would clip, so scale
+            grey = np.clip(np.rint(np.asarray(im, np.float64) / 257), 0, 255).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
+        if im.mode in ("P", "PA"):  # palette transparency goes through RGBA, as Pillow asks
+            im = im.convert("RGBA")
+        return np.array(im.convert("RGB"))
+
+
+@contextlib.contextmanager
+def _open_video(p: Path):
+    try:
+        container = av.open(str(p), metadata_errors="replace")
+    except PermissionError:
+        raise CvaeError(f"cannot read {p}: permission denied") from None
+    except (av.error.FFmpegError, OSError, ValueError):
+        raise CvaeError(f"{p} is not an image or video PyAV/Pillow can read") from None
+    try:
+        streams = [s for s in container.streams.video
+                   if not s.disposition & av.stream.Disposition.attached_pic]  # cover art in audio files
+        if not streams:
+            raise CvaeError(f"{p} has no video stream")
+        # Default (slice) threading: frame threads were no faster here on 2 cores, and they can
+        # swallow decoder errors and the frames held before them in a damaged file.
+        yield container, streams[0]
+    finally:
+        container.close()
+
+
+def _decode(p: Path, container, stream, allow_partial: bool) -> Iterator[av.VideoFrame]:
+    """Decoded frames in display order; raises per the corruption rule in `read_frames`."""
+    packets = frames = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size:
+                packets += 1
+            for frame in packet.decode():
+                frames += 1
+                yield frame
+        broken = packets < len(stream.index_entries)
+    except av.error.FFmpegError:
+        broken = True
+        try:  # the frames the decoder still holds came before the damage
+            for frame in stream.decode(None):
+                frames += 1
+                yield frame
+        except av.error.FFmpegError:
+            pass
+    if frames == 0:
+        raise CvaeError(f"{p}: video is corrupt or truncated, no frame could be decoded" if broken
+                        else f"{p}: video has no frames")
+    if broken and not allow_partial:
+        raise CvaeError(f"{p}: video is corrupt or truncated after {frames} frames "
+                        "(use --allow-partial to keep them)")
+
+
+def _frame_step(stream) -> Fraction:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return 1 / Fraction(rate) if rate else Fraction(1, 25)
+
+
+def _timed(frames, stream) -> Iterator[tuple[av.VideoFrame, Fraction]]:
+    """Frames with presentation times in seconds, non-decreasing. Some AVIs with B-frames hand out
+    frames in display order but stamped with their packets' times (1, 2, 3, 5, 4, ...); within a
+    small window the k-th frame out gets the k-th smallest time. Missing pts: previous + 1/rate."""
+    tb, step = stream.time_base, _frame_step(stream)
+    times: list[Fraction] = []
+    queue: deque = deque()
+    latest = None
+    for frame in frames:
+        if frame.pts is not None:
+            t = frame.pts * tb
+        else:
+            t = Fraction(0) if latest is None else latest + step
+        latest = t if latest is None else max(latest, t)
+        heapq.heappush(times, t)
+        queue.append(frame)
+        if len(queue) > _REORDER_WINDOW:
+            yield queue.popleft(), heapq.heappop(times)
+    while queue:
+        yield queue.popleft(), heapq.heappop(times)
+
+
+def _resample(timed, fps: Fraction, stream) -> Iterator[av.VideoFrame]:
+    """For each tick k/fps after the first frame's time, the latest frame at or before it (so frames
+    are repeated or dropped by timestamp, not by nominal rate); ticks run to the end of the last
+    frame (its duration, else 1/rate), both up to `_TICK_SLACK`."""
+    k, prev, origin, prev_t = 0, None, Fraction(0), Fraction(0)
+    for frame, t in timed:
+        if prev is None:
+            origin = t
+        while prev is not None and origin + k / fps + _TICK_SLACK < t:
+            yield prev
+            k += 1
+        prev, prev_t = frame, t
+    if prev is None:
+        return
+    end = prev_t + (prev.duration * stream.time_base if prev.duration else _frame_step(stream))
+    while origin + k / fps + _TICK_SLACK < end:
+        yield prev
+        k += 1
+
+
+def _crop_size(container, frame) -> tuple[int, int] | None:
+    """The size VideoWriter asked for before padding to even, if this file carries its tag."""
+    tag = next((v for k, v in container.metadata.items() if k.lower() == _SIZE_TAG), None)
+    try:
+        w, h = (int(x) for x in tag.split("x"))
+    except (AttributeError, ValueError):
+        return None
+    ok = 0 <= frame.width - w <= 1 and 0 <= frame.height - h <= 1 and w > 0 and h > 0
+    return (w, h) if ok else None
+
+
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that make the frame upright (display-matrix flips and
+    non-multiples of 90 degrees are rounded away)."""
+    return round(frame.rotation / 90) % 4
+
+
+def _to_rgb(frame, crop, size) -> np.ndarray:
+    array = frame.to_ndarray(format="rgb24", src_color_range=frame.color_range)
+    if crop:
+        array = array[: crop[1], : crop[0]]
+    turns = _quarter_turns(frame)
+    if turns:
+        array = np.rot90(array, turns)
+    return _resize(np.ascontiguousarray(array), size)
+
+
+def _resize(array: np.ndarray, size) -> np.ndarray:
+    if size is None or (array.shape[1], array.shape[0]) == tuple(size):
+        return array
+    w, h = (int(x) for x in size)
+    if w < 1 or h < 1:
+        raise ValueError(f"bad size {size}")
+    return np.array(Image.fromarray(array).resize((w, h), _RESAMPLE))
