@@ -1,0 +1,206 @@
+"""Model + frame iterator -> latent chunks, and back: chunking, causal caches, tiling (SPEC §4).
+
+Three ways to cut a video in time, all producing the same number of latents:
+- "stream": chunks of 1 + c frames, then c frames, with every causal layer's cache carried across
+  chunks. Exact (to float rounding) for frame-norm models with per-frame attention.
+- "window": Open-Sora-Plan v1.1.0's windows of 65 frames overlapping by one, each encoded as a new
+  clip, each later window's first latent dropped (and the mirror image on decode).
+- "whole": the clip in one piece; memory grows with its length. The reference for the others.
+Frames too large for memory are cut into overlapping spatial tiles, each with its own caches, and
+blended linearly where they overlap. Peak memory depends on the chunk and tile size, not the length.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import CausalVAE, StreamCache
+
+MODES = ("stream", "window", "whole")
+WINDOW_FRAMES = 65  # Open-Sora-Plan v1.1.0's temporal window: 17 latents
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a video is cut for the model. `chunk` counts frames after the first chunk's extra one."""
+
+    mode: str = "stream"
+    chunk: int = 16
+    tile: int | None = None  # pixel tile side (multiple of 32); None keeps whole frames
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.chunk < 4 or self.chunk % 4:
+            raise ValueError(f"chunk must be a positive multiple of 4 frames, not {self.chunk}")
+        if self.tile is not None and (self.tile < 64 or self.tile % 32):
+            raise ValueError(f"tile must be a multiple of 32 pixels, at least 64, not {self.tile}")
+
+
+def padded_length(frames: int, factor: int = 4) -> int:
+    """The causal length 1 + factor*k that holds `frames` frames."""
+    return 1 + factor * math.ceil(max(frames - 1, 0) / factor)
+
+
+def padded_size(size: int, factor: int = 8) -> int:
+    return factor * math.ceil(size / factor)
+
+
+def pad_frames(frames: Iterable[np.ndarray], factor: int, counter: list[int] | None = None) -> Iterator[np.ndarray]:
+    """Repeat the last frame so the count becomes 1 + factor*k; `counter[0]` ends as the true count."""
+    n, last = 0, None
+    for n, last in enumerate(frames, 1):
+        yield last
+    if counter is not None:
+        counter[0] = n
+    if last is not None:
+        yield from itertools.repeat(last, padded_length(n, factor) - n)
+
+
+def groups(items: Iterable, first: int, size: int, overlap: int = 0) -> Iterator[tuple[list, bool]]:
+    """Cut a stream into (list, is_last): `first` items, then `size` new items each time, each list
+    beginning with the last `overlap` items of the one before. Looks one list ahead to know the last."""
+    it = iter(items)
+    current = list(itertools.islice(it, first))
+    while current:
+        more = list(itertools.islice(it, size))
+        yield current, not more
+        current = current[len(current) - overlap:] + more if more else []
+
+
+def plan(options: StreamOptions, factor: int, latent: bool) -> tuple[int, int, int]:
+    """(first, size, overlap) of the time groups for a mode, in frames or (latent=True) latents."""
+    if options.mode == "whole":
+        return (2**62, 1, 0)
+    if options.mode == "window":
+        first = (WINDOW_FRAMES - 1) // factor + 1 if latent else WINDOW_FRAMES
+        return (first, first - 1, 1)
+    size = options.chunk // factor if latent else options.chunk
+    return (1 + size, size, 0)
+
+
+class Tiler:
+    """Runs a step over overlapping spatial tiles, one stream cache per tile, blended linearly.
+
+    `tile` is the tile side in the step's input units (pixels to encode, latents to decode);
+    `scale` is output size over input size (1/8 to encode, 8 to decode)."""
+
+    def __init__(self, tile: int | None, scale: float, streaming: bool, overlap: float = 0.25):
+        self.tile, self.scale, self.streaming, self.overlap = tile, scale, streaming, overlap
+        self.align = round(1 / scale) if scale < 1 else 1  # tile corners on whole latents
+        self.caches: dict[tuple[int, int], StreamCache] = {}
+
+    def spans(self, size: int) -> list[tuple[int, int]]:
+        if self.tile is None or size <= self.tile:
+            return [(0, size)]
+        stride = max(self.align, int(self.tile * (1 - self.overlap)) // self.align * self.align)
+        return [(s, s + self.tile) for s in list(range(0, size - self.tile, stride)) + [size - self.tile]]
+
+    def run(self, step: Callable, x: torch.Tensor, final: bool) -> torch.Tensor:
+        """`step(x_tile, cache)` maps (B, C, T, h, w) to (B, C', T', h*scale, w*scale)."""
+        h, w = x.shape[-2:]
+        boxes = list(itertools.product(self.spans(h), self.spans(w)))
+        if len(boxes) == 1:
+            return step(x, self._cache((0, 0), final))
+        out = weight = None
+        for (y0, y1), (x0, x1) in boxes:
+            y = step(x[..., y0:y1, x0:x1], self._cache((y0, x0), final))
+            if out is None:
+                out = y.new_zeros(*y.shape[:3], round(h * self.scale), round(w * self.scale))
+                weight = y.new_zeros(out.shape[-2:])
+            ramp = self._ramp(y, (y0 > 0, y1 < h), (x0 > 0, x1 < w))
+            oy, ox = round(y0 * self.scale), round(x0 * self.scale)
+            out[..., oy:oy + y.shape[-2], ox:ox + y.shape[-1]] += y * ramp
+            weight[oy:oy + y.shape[-2], ox:ox + y.shape[-1]] += ramp
+        return out / weight
+
+    def _cache(self, key: tuple[int, int], final: bool) -> StreamCache | None:
+        if not self.streaming:
+            return None
+        cache = self.caches.setdefault(key, StreamCache())
+        cache.final = final
+        return cache
+
+    def _ramp(self, y: torch.Tensor, inner_y: tuple[bool, bool], inner_x: tuple[bool, bool]) -> torch.Tensor:
+        """Weights rising linearly across the overlap on every edge that borders another tile."""
+        blend = max(1, round(self.tile * self.scale * self.overlap))
+
+        def axis(n: int, inner: tuple[bool, bool]) -> torch.Tensor:
+            r = torch.ones(n, dtype=y.dtype, device=y.device)
+            k = min(blend, n)
+            up = torch.arange(1, k + 1, dtype=y.dtype, device=y.device) / (k + 1)
+            if inner[0]:
+                r[:k] = torch.minimum(r[:k], up)
+            if inner[1]:
+                r[n - k:] = torch.minimum(r[n - k:], up.flip(0))
+            return r
+
+        return axis(y.shape[-2], inner_y)[:, None] * axis(y.shape[-1], inner_x)[None, :]
+
+
+def frames_to_pixels(frames: Sequence[np.ndarray], options: StreamOptions, factor: int = 8) -> torch.Tensor:
+    """uint8 (H, W, 3) frames -> (1, 3, T, H', W') in [-1, 1] on the device, edges repeated to
+    multiples of `factor`. Upload as uint8 (4x less traffic), convert on the device."""
+    x = torch.from_numpy(np.stack(frames))
+    if options.device != "cpu" and torch.device(options.device).type == "cuda":
+        x = x.pin_memory().to(options.device, non_blocking=True)
+    x = x.permute(3, 0, 1, 2).unsqueeze(0).to(options.dtype).div_(127.5).sub_(1)
+    h, w = x.shape[-2:]
+    pad = (0, padded_size(w, factor) - w, 0, padded_size(h, factor) - h)
+    return F.pad(x, pad, mode="replicate") if any(pad) else x
+
+
+def pixels_to_frames(x: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(1, 3, T, H', W') in [-1, 1] -> uint8 (T, height, width, 3) on the CPU, padding cropped."""
+    x = x[0, :, :, :height, :width].float().add_(1).mul_(127.5).round_().clamp_(0, 255)
+    return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+@torch.inference_mode()
+def encode_frames(model: CausalVAE, frames: Iterable[np.ndarray], options: StreamOptions,
+                  counter: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (mean, logvar) latent chunks, each (C, t, h, w), as the frames stream in.
+
+    The frame count is padded to 1 + 4k by repeating the last frame; `counter[0]` receives the
+    true count once the frames run out."""
+    ft, fs = model.config.time_compression, model.config.space_compression
+    first, size, overlap = plan(options, ft, latent=False)
+    tiler = Tiler(options.tile, 1 / fs, streaming=options.mode == "stream")
+
+    def step(x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+        post = model.encode(x, cache)
+        return torch.cat([post.mean, post.logvar], dim=1)
+
+    for i, (group, last) in enumerate(groups(pad_frames(frames, ft, counter), first, size, overlap)):
+        moments = tiler.run(step, frames_to_pixels(group, options, fs), last)[0]
+        if overlap and i:
+            moments = moments[:, overlap:]
+        yield tuple(moments.chunk(2, dim=0))
+
+
+@torch.inference_mode()
+def decode_latents(model: CausalVAE, latents: Iterable[torch.Tensor], options: StreamOptions,
+                   height: int, width: int) -> Iterator[np.ndarray]:
+    """Yield uint8 frame chunks (t, height, width, 3) from latent chunks (C, t', h, w), as they come.
+
+    The decoder looks one latent ahead, so a chunk's last frames come out with the next chunk."""
+    ft = model.config.time_compression
+    first, size, overlap = plan(options, ft, latent=True)
+    fs = model.config.space_compression
+    tiler = Tiler(options.tile and options.tile // fs, fs, streaming=options.mode == "stream")
+    steps = (t for chunk in latents for t in chunk.unbind(1))
+    for i, (group, last) in enumerate(groups(steps, first, size, overlap)):
+        z = torch.stack(group, dim=1).unsqueeze(0).to(options.device, options.dtype)
+        x = tiler.run(model.decode, z, last)
+        if overlap and i:
+            x = x[:, :, overlap:]
+        if x.shape[2]:
+            yield pixels_to_frames(x, height, width)

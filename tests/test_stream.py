@@ -1,0 +1,144 @@
+"""Chunked inference against whole-clip inference, tiling, and memory that ignores video length."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cvae_cli.model import StreamCache
+from cvae_cli.stream import StreamOptions, decode_latents, encode_frames, groups, padded_length
+from conftest import REPO, random_model, rel_err
+
+FRAME_NORM = dict(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
+
+
+def clip(n: int, h: int = 40, w: int = 56, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def encode(model, frames, **options):
+    counter = [0]
+    chunks = list(encode_frames(model, frames, StreamOptions(**options), counter))
+    return torch.cat([m for m, _ in chunks], 1), torch.cat([lv for _, lv in chunks], 1), counter[0]
+
+
+@pytest.fixture(scope="module")
+def frame_model():
+    return random_model(**FRAME_NORM)
+
+
+def test_groups_cut_with_overlap_and_flag_the_last():
+    assert list(groups(range(10), 5, 4)) == [([0, 1, 2, 3, 4], False), ([5, 6, 7, 8], False), ([9], True)]
+    assert list(groups(range(9), 5, 4, overlap=1)) == [([0, 1, 2, 3, 4], False), ([4, 5, 6, 7, 8], True)]
+    assert [padded_length(n) for n in (1, 2, 5, 6, 23)] == [1, 5, 5, 9, 25]
+
+
+@pytest.mark.parametrize("frames", [23, 17, 1, 6])
+@pytest.mark.parametrize("chunk", [4, 8, 12, 16])
+def test_stream_encode_equals_whole_clip(frame_model, frames, chunk):
+    mean, logvar, count = encode(frame_model, clip(frames), mode="whole")
+    s_mean, s_logvar, s_count = encode(frame_model, clip(frames), mode="stream", chunk=chunk)
+    assert count == s_count == frames
+    assert mean.shape[1] == (padded_length(frames) - 1) // 4 + 1
+    assert rel_err(s_mean, mean) < 1e-5 and rel_err(s_logvar, logvar) < 1e-5
+
+
+@pytest.mark.parametrize("sizes", [[2, 1, 1, 1, 1, 1], [3, 4], [1] * 7, [1, 2, 4], [7]])
+def test_decoder_look_ahead_is_right_at_every_boundary(frame_model, sizes):
+    z = torch.randn(1, 4, sum(sizes), 5, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = frame_model.decode(z)
+        cache, outs, start = StreamCache(), [], 0
+        for i, size in enumerate(sizes):
+            cache.final = i == len(sizes) - 1
+            outs.append(frame_model.decode(z[:, :, start:start + size], cache))
+            start += size
+    assert whole.shape[2] == 1 + 4 * (sum(sizes) - 1)
+    assert rel_err(torch.cat(outs, 2), whole) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 16])
+def test_stream_decode_equals_whole_clip(frame_model, chunk):
+    z = torch.randn(4, 7, 5, 7, generator=torch.Generator().manual_seed(2))
+    whole = np.concatenate(list(decode_latents(frame_model, [z], StreamOptions(mode="whole"), 37, 50)))
+    parts = list(decode_latents(frame_model, [z[:, :3], z[:, 3:]], StreamOptions(chunk=chunk), 37, 50))
+    streamed = np.concatenate(parts)
+    assert streamed.shape == whole.shape == (25, 37, 50, 3) and len(parts) > 1
+    assert np.abs(streamed.astype(int) - whole).max() <= 1  # float rounding, then uint8 rounding
+
+
+def test_clip_norm_stream_is_an_approximation_that_window_mode_avoids_for_short_clips():
+    model = random_model()  # released layout: clip norm, legacy attention
+    mean, _, _ = encode(model, clip(21), mode="whole")
+    assert rel_err(encode(model, clip(21), mode="window")[0], mean) == 0  # one 65-frame window
+    assert rel_err(encode(model, clip(21), mode="stream", chunk=8)[0], mean) > 1e-4
+
+
+def test_window_mode_restarts_every_65_frames(frame_model):
+    frames = clip(70, 16, 16)
+    mean, _, _ = encode(frame_model, frames, mode="window")
+    first, _, _ = encode(frame_model, frames[:65], mode="whole")
+    second, _, _ = encode(frame_model, frames[64:], mode="whole")
+    assert mean.shape[1] == 19  # 70 frames pad to 73 = 1 + 4*18
+    assert torch.equal(mean, torch.cat([first, second[:, 1:]], 1))
+
+
+def test_tiles_stream_like_whole_frames(frame_model):
+    frames = clip(9, 72, 104)
+    whole, _, _ = encode(frame_model, frames, mode="whole", tile=64)
+    streamed, _, _ = encode(frame_model, frames, mode="stream", chunk=4, tile=64)
+    untiled, _, _ = encode(frame_model, frames, mode="whole")
+    assert rel_err(streamed, whole) < 1e-5
+    assert whole.shape == untiled.shape == (4, 3, 9, 13)
+    assert 0 < rel_err(whole, untiled) < 0.5  # blended tiles approximate, not replace, the frame
+    small, _, _ = encode(frame_model, clip(5, 40, 56), mode="whole", tile=64)
+    assert torch.equal(small, encode(frame_model, clip(5, 40, 56), mode="whole")[0])  # one tile: exact
+
+
+def test_tiled_decode_streams_like_whole_and_covers_the_frame(frame_model):
+    z = torch.randn(4, 3, 13, 17, generator=torch.Generator().manual_seed(3))
+
+    def decode(**options):
+        return np.concatenate(list(decode_latents(frame_model, [z], StreamOptions(**options), 104, 136)))
+
+    tiled, tiled_whole, plain = decode(tile=64, chunk=4), decode(tile=64, mode="whole"), decode(chunk=4)
+    assert tiled.shape == plain.shape == (9, 104, 136, 3)
+    assert np.abs(tiled.astype(int) - tiled_whole).max() <= 1
+    assert np.array_equal(decode(tile=160, chunk=4), plain)  # a tile larger than the frame is no tile
+    assert not np.array_equal(tiled, plain)
+
+
+PEAK_SCRIPT = """
+import json, resource, sys, numpy as np, torch
+sys.path.insert(0, "tests")
+from conftest import random_model
+from cvae_cli.stream import StreamOptions, encode_frames
+torch.set_num_threads(1)
+model = random_model(norm="frame")
+frames, mode = int(sys.argv[1]), sys.argv[2]
+frame = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+for _ in encode_frames(model, (frame for _ in range(5)), StreamOptions(mode=mode, chunk=8)):
+    pass  # warm up allocator and kernels
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in encode_frames(model, (frame for _ in range(frames)), StreamOptions(mode=mode, chunk=8)):
+    pass
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base))
+"""
+
+
+def peak_kib(frames: int, mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(frames), mode], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_peak_memory_does_not_grow_with_length():
+    short, long = peak_kib(50, "stream"), peak_kib(200, "stream")
+    assert long <= 1.15 * max(short, 1) + 4096, (short, long)  # + 4 MiB for allocator noise
+    whole_short, whole_long = peak_kib(50, "whole"), peak_kib(200, "whole")
+    assert whole_long > 2 * whole_short > long  # the measure can tell growth when there is some
