@@ -16,7 +16,7 @@ TEMPORAL_UPSAMPLES = ("TimeUpsample2x", "TimeUpsampleRes2x")
 NORMS = ("clip", "frame")
 
 # Fields a released config.json carries that mean nothing for inference.
-TRAINING_ONLY = ("lr", "loss_type", "loss_params", "resolution", "_class_name", "_diffusers_version",
+TRAINING_ONLY = ("lr", "loss_type", "loss_params", "_class_name", "_diffusers_version",
                  "_name_or_path", "_use_default_values")
 
 

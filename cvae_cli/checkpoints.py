@@ -1,0 +1,443 @@
+"""Weights in and out: file formats, foreign layouts, the Hugging Face hub.
+
+Three kinds of weights reach this tool:
+- Open-Sora-Plan's released video VAE: a folder (config.json + diffusion_pytorch_model.safetensors),
+  locally or as `owner/name/subfolder` on the hub. Its keys are already ours; `loss.*` is dropped.
+- Our own single-file `.safetensors` (written by `save_model`): the config travels in its metadata.
+- The SD image VAE to inflate, in the diffusers or the CompVis layout; `sd_vae_to_compvis` is the
+  one place that maps its names, so `inflate.py` only ever sees CompVis names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_path
+from .errors import CvaeError
+from .model import CausalVAE, CausalVAEConfig
+
+FORMAT = "cvae-weights"
+FORMAT_VERSION = "1"
+RESERVED_METADATA = ("format", "format_version", "config", "model_id")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "pytorch_model.bin", "model.safetensors")
+SD_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DEFAULT_SD_VAE = "stabilityai/sd-vae-ft-mse"
+_LOCAL_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message, for errors that must fit on one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --- reading files ----------------------------------------------------------------------------
+
+def _weights_file(folder: Path, names: tuple[str, ...] = WEIGHT_FILES) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise CvaeError(f"{folder} holds no weights file (looked for {', '.join(names)})")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors, .bin, .ckpt or .pt file (or a diffusers folder), on the CPU.
+
+    Pickles are read with `weights_only=True`: a checkpoint cannot run code on this machine.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = _weights_file(path)
+    if not path.exists():
+        raise CvaeError(f"no such file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, pickled objects...: the user gave a bad file
+        raise CvaeError(f"{path} is not a readable weights file: {_one_line(e)}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning / SD .ckpt
+        sd = sd["state_dict"]
+    tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
+        if isinstance(sd, dict) else {}
+    if not tensors:
+        raise CvaeError(f"{path} is not a readable weights file: it holds no named tensors")
+    return tensors
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CvaeError(f"{path} is not a readable weights file: {_one_line(e)}") from None
+
+
+# --- the SD image VAE: diffusers -> CompVis names ----------------------------------------------
+
+# diffusers name -> CompVis name; the decoder's up_blocks run in the opposite order (see below).
+_DIFFUSERS_RENAMES = [
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+]
+# Inside the attention: current diffusers names, then the old (< 0.15) ones.
+_ATTENTION_RENAMES = [(r"\.group_norm\.", ".norm."), (r"\.(to_q|query)\.", ".q."), (r"\.(to_k|key)\.", ".k."),
+                      (r"\.(to_v|value)\.", ".v."), (r"\.(to_out\.0|proj_attn)\.", ".proj_out.")]
+_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def _diffusers_to_compvis(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ups = 1 + max((int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
+    out = {}
+    for key, value in sd.items():
+        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+                     lambda m: f"decoder.up.{ups - 1 - int(m[1])}.block.", key)
+        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                     lambda m: f"decoder.up.{ups - 1 - int(m[1])}.upsample.", key)
+        for pattern, repl in _DIFFUSERS_RENAMES:
+            key = re.sub(pattern, repl, key)
+        if ".mid.attn_1." in key:
+            for pattern, repl in _ATTENTION_RENAMES:
+                key = re.sub(pattern, repl, key)
+            if key.endswith(".weight") and value.ndim == 2:  # Linear (C, C) -> 1x1 conv
+                value = value[:, :, None, None]
+        out[key] = value
+    return out
+
+
+def sd_vae_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Widths and depth of a CompVis-named SD VAE, read off its tensor shapes."""
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            hint = (" (this is a video VAE checkpoint; it needs no inflating: load it as weights)"
+                    if "encoder.conv_in.conv.weight" in sd else "")
+            raise CvaeError(f"not an SD VAE state dict: missing {key}{hint}")
+        if sd[key].ndim != 4:
+            raise CvaeError(f"not an SD VAE state dict: unexpected shape for {key}: {tuple(sd[key].shape)}")
+        return tuple(sd[key].shape)
+
+    ch, cin = shape("encoder.conv_in.weight")[:2]
+    levels = max(1, sum(1 for k in sd if re.fullmatch(r"encoder\.down\.\d+\.block\.0\.conv1\.weight", k)))
+    return dict(
+        hidden_size=ch, in_channels=cin,
+        hidden_size_mult=tuple(max(1, shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch)
+                               for i in range(levels)),
+        num_res_blocks=max(1, sum(1 for k in sd if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k))),
+        z_channels=shape("encoder.conv_out.weight")[0] // 2,  # double_z: mean and logvar
+        embed_dim=shape("quant_conv.weight")[0] // 2,
+        out_channels=shape("decoder.conv_out.weight")[0],
+    )
+
+
+def compvis_shapes(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a CompVis SD VAE with the config `c`, in order: what a valid file holds."""
+    s: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, cout, cin, k):
+        s[f"{name}.weight"], s[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, ch):
+        s[f"{name}.weight"] = s[f"{name}.bias"] = (ch,)
+
+    def resnet(name, cin, cout):
+        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cout, cin, 3)
+        norm(f"{name}.norm2", cout), conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cout, cin, 1)
+
+    def mid(name, ch):
+        resnet(f"{name}.block_1", ch, ch)
+        norm(f"{name}.attn_1.norm", ch)
+        for p in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.attn_1.{p}", ch, ch, 1)
+        resnet(f"{name}.block_2", ch, ch)
+
+    ch, mult, n, z, levels = c["hidden_size"], c["hidden_size_mult"], c["num_res_blocks"], c["z_channels"], \
+        len(c["hidden_size_mult"])
+    widths = [ch * m for m in mult]
+    conv("encoder.conv_in", ch, c["in_channels"], 3)
+    cin = ch
+    for i, w in enumerate(widths):
+        for j in range(n):
+            resnet(f"encoder.down.{i}.block.{j}", cin if j == 0 else w, w)
+        cin = w
+        if i < levels - 1:
+            conv(f"encoder.down.{i}.downsample.conv", w, w, 3)
+    mid("encoder.mid", widths[-1])
+    norm("encoder.norm_out", widths[-1])
+    conv("encoder.conv_out", 2 * z, widths[-1], 3)
+    conv("quant_conv", 2 * c["embed_dim"], 2 * z, 1)
+    conv("post_quant_conv", z, c["embed_dim"], 1)
+    conv("decoder.conv_in", widths[-1], z, 3)
+    mid("decoder.mid", widths[-1])
+    cin = widths[-1]
+    for i in reversed(range(levels)):
+        for j in range(n + 1):
+            resnet(f"decoder.up.{i}.block.{j}", cin if j == 0 else widths[i], widths[i])
+        cin = widths[i]
+        if i > 0:
+            conv(f"decoder.up.{i}.upsample.conv", widths[i], widths[i], 3)
+    norm("decoder.norm_out", ch)
+    conv("decoder.conv_out", c["out_channels"], ch, 3)
+    return s
+
+
+def sd_vae_to_compvis(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An SD image VAE in either layout (or inside a full SD checkpoint) -> CompVis names, checked.
+
+    Non-VAE keys (the UNet, the text encoder, `loss.*`) are dropped; every VAE tensor must be there
+    with the shape the detected config implies, else a CvaeError names the first one that is not.
+    """
+    sd = dict(state_dict)
+    for prefix in ("first_stage_model.", "vae."):  # a full SD checkpoint carries the VAE under one
+        if any(k.startswith(prefix + "encoder.") for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    sd = {k: v for k, v in sd.items() if k.startswith(_VAE_PREFIXES)}
+    if any(".down_blocks." in k or ".mid_block." in k or ".up_blocks." in k for k in sd):
+        sd = _diffusers_to_compvis(sd)
+    expected = compvis_shapes(sd_vae_config(sd))
+    for key, shape in expected.items():
+        if key not in sd:
+            raise CvaeError(f"not an SD VAE state dict: missing {key}")
+        if tuple(sd[key].shape) != shape:
+            raise CvaeError(f"not an SD VAE state dict: unexpected shape for {key}: "
+                            f"{tuple(sd[key].shape)} (expected {shape})")
+    return {k: sd[k] for k in expected}
+
+
+# --- the hub ----------------------------------------------------------------------------------
+
+def _looks_local(source: str) -> bool:
+    """A path (existing or meant to be one) rather than `owner/name[/subfolder]` on the hub."""
+    return (Path(source).exists() or source.startswith(("/", ".", "~")) or "\\" in source
+            or source.endswith(_LOCAL_SUFFIXES) or source.count("/") < 1)
+
+
+def _split_repo(source: str) -> tuple[str, str | None]:
+    parts = source.strip("/").split("/")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+
+def _hub_file(source: str, names: tuple[str, ...], hint: str) -> Path:
+    """The first of `names` in hub repo `owner/name[/subfolder]`, from the cache or downloaded."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo, sub = _split_repo(source)
+    offline = False
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo, name, subfolder=sub))
+        except LocalEntryNotFoundError:  # no network (or offline mode) and not in the cache
+            offline = True
+        except EntryNotFoundError:  # the repo exists but has no such file
+            continue
+        except RepositoryNotFoundError:
+            raise CvaeError(f"no repository {repo} on the Hugging Face hub (or it is private or gated: "
+                            f"log in with `hf auth login`)") from None
+        except ValueError as e:  # HFValidationError: not a repo id at all
+            raise CvaeError(f"{source} is neither a local path nor a Hugging Face repo id: {_one_line(e)}") from None
+        except Exception as e:  # HTTP errors, connection errors of requests or httpx, disk full...
+            raise CvaeError(f"cannot download {source} from the Hugging Face hub: {_one_line(e)}") from None
+    if offline:
+        raise CvaeError(f"cannot download {source} from the Hugging Face hub (offline and not in the cache): {hint}")
+    tip = f" (Open-Sora-Plan keeps its VAE in a subfolder: try {repo}/vae)" if sub is None else ""
+    raise CvaeError(f"{source} on the Hugging Face hub has none of {', '.join(names)}{tip}")
+
+
+def fetch_sd_vae(source: str | Path | None = None) -> Path:
+    """The SD image VAE's weights file: a local path as is, else from the hub (default sd-vae-ft-mse)."""
+    source = str(source or DEFAULT_SD_VAE)
+    if _looks_local(source):
+        if not Path(source).exists():
+            raise CvaeError(f"no such file: {source}")
+        return Path(source)
+    return _hub_file(source, SD_WEIGHT_FILES, "pass a local file with --from PATH instead")
+
+
+# --- our models -------------------------------------------------------------------------------
+
+def _config(d: dict[str, Any], where: str, norm: str | None) -> CausalVAEConfig:
+    try:
+        cfg = CausalVAEConfig.from_dict(d)
+        return cfg if norm is None else dataclasses.replace(cfg, norm=norm)
+    except (TypeError, ValueError) as e:
+        raise CvaeError(f"{where}: bad model config: {_one_line(e)}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CvaeError(f"{path} is not a readable config: {_one_line(e)}") from None
+    if not isinstance(d, dict):
+        raise CvaeError(f"{path} is not a readable config: not a JSON object")
+    return d
+
+
+def _read_model_source(path: Path) -> tuple[dict[str, Any], Path, dict[str, str]]:
+    """(config dict, weights file, provenance) of a local folder or file."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CvaeError(f"{path} has no config.json (a model folder holds config.json and its weights)")
+        return _read_json(path / "config.json"), _weights_file(path), {"source": str(path)}
+    if not path.exists():
+        raise CvaeError(f"no such file or folder: {path}")
+    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    if meta.get("format") == FORMAT:
+        if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise CvaeError(f"{path} has weights format_version {meta['format_version']}; "
+                            f"this cvae reads {FORMAT_VERSION}: upgrade cvae")
+        try:
+            config = json.loads(meta.get("config", ""))
+        except ValueError as e:
+            raise CvaeError(f"{path} has an unreadable config in its metadata: {_one_line(e)}") from None
+        return config, path, {k: v for k, v in meta.items() if k not in RESERVED_METADATA}
+    if (path.parent / "config.json").is_file():  # a weights file inside a released folder
+        return _read_json(path.parent / "config.json"), path, {"source": str(path)}
+    raise CvaeError(f"{path} carries no model config (neither cvae metadata nor a config.json beside it): "
+                    f"pass a file written by `cvae inflate` or a folder with config.json")
+
+
+def _to_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise CvaeError(f"unknown dtype {dtype!r} (known: {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
+
+
+def load_model(source: str | Path, *, norm: str | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None) -> CausalVAE:
+    """A ready (eval mode) CausalVAE from a folder, a cvae .safetensors or `owner/name[/subfolder]`.
+
+    `norm` overrides the config's ("clip" in released configs). The weights' identity (`model_id`)
+    is taken before any dtype cast, so a bf16 run labels its latents like an fp32 run.
+    """
+    where, dtype = str(source), _to_dtype(dtype)
+    if _looks_local(where):
+        config, weights, provenance = _read_model_source(Path(source))
+    else:
+        hint = "pass a local file or folder instead"
+        config_path = _hub_file(where, ("config.json",), hint)
+        config, provenance = _read_json(config_path), {"source": where}
+        weights = _hub_file(where, WEIGHT_FILES, hint)
+    cfg = _config(config, where, norm)
+    state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith("loss.")}
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = CausalVAE(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            raise CvaeError(f"{where} does not fit its config: missing weight {key}")
+        if tuple(state[key].shape) != shape:
+            raise CvaeError(f"{where} does not fit its config: {key} has shape {tuple(state[key].shape)}, "
+                            f"expected {shape}")
+    for key in state:
+        if key not in expected:
+            raise CvaeError(f"{where} does not fit its config: unexpected weight {key}")
+    state = {k: v.float() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.weights_id = _digest(cfg.to_json(), state)
+    model.provenance = provenance
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_model(model: CausalVAE, path: str | Path, **info: Any) -> Path:
+    """One .safetensors with the config and `info` (init, source, arch, ...) in its metadata; atomic."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CvaeError(f"weights are saved as .safetensors, not {path.name}")
+    extra = {**getattr(model, "provenance", {}), **info}
+    meta = {k: str(v) for k, v in extra.items() if v is not None and k not in RESERVED_METADATA}
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, config=model.config.to_json(), model_id=model_id(model))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return path
+
+
+def weights_info(path: str | Path) -> dict[str, Any]:
+    """Metadata, parameter count and dtype of local weights, without building the model.
+
+    For a .safetensors only the header is read. `config` comes back parsed (a dict).
+    """
+    path = Path(path)
+    info: dict[str, Any] = {}
+    if path.is_dir():
+        info["config"] = _config(_read_json(path / "config.json"), str(path), None).to_dict() \
+            if (path / "config.json").is_file() else None
+        path = _weights_file(path)
+    if not path.exists():
+        raise CvaeError(f"no such file or folder: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        meta = _safetensors_metadata(path)
+        with safe_open(str(path), "pt") as f:
+            specs = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        specs = {k: (s, _SAFETENSORS_DTYPES.get(d, d.lower())) for k, (s, d) in specs.items()}
+        info.update(meta)
+        if meta.get("format") == FORMAT and "config" in meta:
+            try:
+                info["config"] = json.loads(meta["config"])
+            except ValueError:
+                pass  # left as the string it is; `load_model` says what is wrong with it
+    else:
+        specs = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in read_state_dict(path).items()}
+    specs = {k: v for k, v in specs.items() if not k.startswith("loss.")}
+    info["file"] = str(path)
+    info["tensors"] = len(specs)
+    info["parameters"] = sum(_numel(s) for s, _ in specs.values())
+    info["dtype"] = ", ".join(sorted({d for _, d in specs.values()}))
+    return info
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _digest(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the config and, per tensor, its name, shape and ~4096 evenly spaced values as
+    float32: cheap on 229 M parameters, yet any retrained or differently inflated weights differ."""
+    h = hashlib.sha256(config_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def model_id(model: CausalVAE) -> str:
+    """A short stable identity of a model's weights, for latent files to record.
+
+    Models from `load_model` carry the id of the weights as read, so casting them to bf16 or
+    moving them to a GPU keeps it; any other model is hashed as it stands.
+    """
+    return getattr(model, "weights_id", None) or _digest(model.config.to_json(), model.state_dict())

@@ -1,0 +1,108 @@
+"""Inflate the SD image VAE into the causal video VAE (SPEC §3, the report's "tail initialization").
+
+Every 2-D weight W (out, in, kh, kw) goes to the 3-D layer of the same name. A 3-D kernel with
+kt = 3 taps sees frames t-2, t-1, t; `tail` puts W on the last tap, so each output frame sees only
+its own input frame and the model equals the image VAE frame by frame wherever time is not
+resampled. `center` (tap 1 = the previous frame) and `average` (W/3 everywhere) agree with it only
+on still images; `random` loads nothing and trains from scratch. The temporal layers have no 2-D
+counterpart and keep their fresh init.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import read_state_dict, sd_vae_config, sd_vae_to_compvis
+from .errors import CvaeError
+from .model import CausalVAE, CausalVAEConfig, v1_1_0_config
+
+INITS = ("tail", "center", "average", "random")
+ARCHS = ("v1.0.0", "v1.1.0")
+
+
+def inflate_weight(w: torch.Tensor, kt: int, init: str) -> torch.Tensor:
+    """(out, in, kh, kw) -> (out, in, kt, kh, kw) by `init`; one tap needs no choice."""
+    if kt == 1:
+        return w.unsqueeze(2)
+    out = w.new_zeros(w.shape[0], w.shape[1], kt, *w.shape[2:])
+    if init == "tail":
+        out[:, :, kt - 1] = w
+    elif init == "center":
+        out[:, :, kt // 2] = w
+    elif init == "average":
+        out[:] = (w / kt).unsqueeze(2)
+    else:
+        raise CvaeError(f"unknown init {init!r} (known: {', '.join(INITS[:3])})")
+    return out
+
+
+def inflated_config(sd_config: dict[str, Any], norm: str = "frame", arch: str = "v1.0.0",
+                    **overrides: Any) -> CausalVAEConfig:
+    """The video VAE's layout for `arch`, sized like the SD VAE, with per-frame attention."""
+    levels = len(sd_config["hidden_size_mult"])
+    fields: dict[str, Any] = dict(sd_config, norm=norm)
+    if arch == "v1.0.0":  # Open-Sora-Plan's per-level pattern, at the SD VAE's depth
+        fields.update(
+            encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix",
+            encoder_resnet_blocks=("ResnetBlock3D",) * levels, decoder_resnet_blocks=("ResnetBlock3D",) * levels,
+            encoder_spatial_downsample=tuple("SpatialDownsample2x" if i < levels - 1 else "" for i in range(levels)),
+            encoder_temporal_downsample=tuple("TimeDownsample2x" if i < 2 else "" for i in range(levels)),
+            decoder_spatial_upsample=tuple("SpatialUpsample2x" if i > 0 else "" for i in range(levels)),
+            decoder_temporal_upsample=tuple("TimeUpsample2x" if i >= levels - 2 else "" for i in range(levels)))
+    elif arch != "v1.1.0":
+        raise CvaeError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
+    fields.update(overrides)
+    try:
+        return CausalVAEConfig(**fields) if arch == "v1.0.0" else v1_1_0_config(**fields)
+    except (TypeError, ValueError) as e:
+        raise CvaeError(f"cannot build the {arch} layout for this SD VAE: {e}") from None
+
+
+def _is_temporal(key: str) -> bool:
+    return ".time_downsample." in key or ".time_upsample." in key
+
+
+def load_2d_weights(model: CausalVAE, compvis: dict[str, torch.Tensor], init: str) -> None:
+    """Copy CompVis-named 2-D weights into `model`, inflating where its layer is 3-D.
+
+    A CompVis conv `X.weight` lands on `X.conv.weight` when X is a CausalConv3d (which wraps an
+    nn.Conv3d as `.conv`), else on `X.weight` itself (2-D blocks, norms). Every weight of the model
+    but its temporal layers must be filled, and every SD tensor must find a place.
+    """
+    target = model.state_dict()
+    filled = set()
+    with torch.no_grad():
+        for key, w in compvis.items():
+            base, leaf = key.rsplit(".", 1)
+            name = f"{base}.conv.{leaf}" if f"{base}.conv.{leaf}" in target else key
+            if name not in target:
+                raise CvaeError(f"the SD VAE's {key} has no place in the inflated model")
+            t = target[name]
+            value = inflate_weight(w, t.shape[2], init) if t.ndim == 5 and w.ndim == 4 else w
+            if value.shape != t.shape:
+                raise CvaeError(f"the SD VAE's {key} {tuple(w.shape)} does not fit {name} {tuple(t.shape)}")
+            t.copy_(value)
+            filled.add(name)
+    left = [k for k in target if k not in filled and not _is_temporal(k)]
+    if left:
+        raise CvaeError(f"the SD VAE has nothing for {left[0]} of the inflated model ({len(left)} such weights)")
+
+
+def inflate(source: dict[str, torch.Tensor] | str | Path, init: str = "tail", norm: str = "frame",
+            arch: str = "v1.0.0", **config_overrides: Any) -> CausalVAE:
+    """A causal video VAE made from an SD image VAE (a state dict, or any file `read_state_dict` reads).
+
+    `config_overrides` change the layout (e.g. no temporal resampling, for tests). The returned
+    model's `provenance` (init, arch, source) is what `save_model` writes into the file's metadata.
+    """
+    if init not in INITS:
+        raise CvaeError(f"unknown init {init!r} (known: {', '.join(INITS)})")
+    compvis = sd_vae_to_compvis(source if isinstance(source, dict) else read_state_dict(source))
+    model = CausalVAE(inflated_config(sd_vae_config(compvis), norm, arch, **config_overrides)).eval()
+    if init != "random":
+        load_2d_weights(model, compvis, init)
+    model.provenance = {"init": init, "arch": arch,
+                        "source": "state dict" if isinstance(source, dict) else str(source)}
+    return model
