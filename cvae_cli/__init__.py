@@ -1,5 +1,25 @@
-"""cvae: Open-Sora-Plan's causal video VAE as a library and a command-line tool."""
-from .errors import CvaeError
-from .model import CausalVAE, CausalVAEConfig, DiagonalGaussian
+"""cvae: Open-Sora-Plan's causal video VAE as a library and a command-line tool.
 
-__all__ = ["CausalVAE", "CausalVAEConfig", "CvaeError", "DiagonalGaussian"]
+The model imports eagerly; file-level pieces (media, latents, checkpoints) load on first use so
+that `from cvae_cli import CausalVAE` needs nothing but torch.
+"""
+from importlib import import_module
+
+from .errors import CvaeError
+from .model import CausalVAE, CausalVAEConfig, DiagonalGaussian, StreamCache
+
+_LAZY = {
+    "inflate": "inflate", "load_model": "checkpoints", "save_model": "checkpoints",
+    "LatentFile": "latents", "LatentMeta": "latents", "LatentWriter": "latents",
+    "StreamOptions": "stream", "encode_frames": "stream", "decode_latents": "stream",
+    "encode_file": "pipeline", "decode_file": "pipeline", "reconstruct_file": "pipeline", "Selection": "pipeline",
+    "psnr": "metrics", "ssim": "metrics",
+}
+
+__all__ = ["CausalVAE", "CausalVAEConfig", "CvaeError", "DiagonalGaussian", "StreamCache", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'cvae_cli' has no attribute {name!r}")

@@ -1,0 +1,476 @@
+"""`cvae`: the command line. Argument parsing and messages only; the work is in the library.
+
+Every user-facing failure is a `CvaeError`, turned into one line and a non-zero exit in
+`CvaeGroup.invoke`; with many inputs, each failure is reported and the others still run.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Callable, Iterator, List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.text import Text
+from typer.core import TyperGroup
+
+from .errors import CvaeError
+
+DEFAULT_WEIGHTS = Path(os.environ.get("CVAE_WEIGHTS", "weights/cvae-tail.safetensors"))
+
+
+class CvaeGroup(TyperGroup):
+    """Turns `CvaeError` (and Ctrl-C) into one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CvaeError as e:
+            Output().error(str(e))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            Output().error("interrupted: no partial output was kept")
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(cls=CvaeGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",
+                  help="Causal video VAE tokenizer: videos and images to latents and back "
+                       "(Open-Sora-Plan's CausalVAE, 4x8x8 compression, 4 latent channels).")
+
+
+class FpsColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} frames/s" if task.speed else "", style="progress.data.speed")
+
+
+class Output:
+    """All printing goes through here, so `--quiet` silences everything but errors."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message)
+
+    def error(self, message: str) -> None:
+        self.console.print(f"[bold red]error:[/] {escape(message)}")
+
+    @contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        if self.quiet:
+            yield lambda n: None
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FpsColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True, disable=not self.console.is_terminal) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n: bar.advance(task, n)
+
+
+# --- shared options --------------------------------------------------------------------------
+
+Inputs = Annotated[List[str], typer.Argument(help="Input files (globs allowed).", show_default=False)]
+OutFile = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input only).")]
+OutDir = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of skipping them.")]
+Weights = Annotated[str, typer.Option("--weights", "-w", envvar="CVAE_WEIGHTS",
+                                      help="Model weights: a cvae .safetensors, an Open-Sora-Plan folder, or a "
+                                           "hub id like LanguageBind/Open-Sora-Plan-v1.1.0/vae.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")]
+Mode = Annotated[str, typer.Option("--mode", help="Time cutting: stream (cached chunks, default), window "
+                                                  "(Open-Sora-Plan's 65-frame windows) or whole (one piece).")]
+Chunk = Annotated[str, typer.Option("--chunk", help="Frames per chunk (multiple of 4), or auto by frame size.")]
+Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels.")]
+Norm = Annotated[Optional[str], typer.Option("--norm", help="Override the model's GroupNorm: clip or frame.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+Frames = Annotated[Optional[str], typer.Option("--frames", help="Frame range A:B (either side optional).")]
+Fps = Annotated[Optional[float], typer.Option("--fps", help="Resample to this frame rate.")]
+Size = Annotated[Optional[str], typer.Option("--size", help="Resize to WxH.")]
+MaxSide = Annotated[Optional[int], typer.Option("--max-side", help="Resize so the longer side is at most N.")]
+AllowPartial = Annotated[bool, typer.Option("--allow-partial", help="Keep the frames of a truncated video.")]
+Crf = Annotated[int, typer.Option("--crf", help="H.264 quality (0 lossless .. 51; 18 looks lossless).")]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def expand(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) and not Path(item).exists() else [item]
+        if not matches:
+            raise CvaeError(f"no file matches {item}")
+        paths += [Path(m) for m in matches]
+    return paths
+
+
+def output_for(src: Path, output: Path | None, out_dir: Path | None, suffix: str, count: int) -> Path:
+    if output is not None:
+        if count > 1:
+            raise CvaeError("-o/--output takes one input; use --out-dir for several")
+        return output
+    return (out_dir or src.parent) / (src.stem + suffix)
+
+
+def resolve_device(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CvaeError(f"--device {device}: no CUDA GPU is visible to this torch build")
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in names:
+        raise CvaeError(f"--dtype {dtype}: use auto, fp32, bf16 or fp16")
+    return device, names[dtype]
+
+
+def load_weights(weights: str, device: str, dtype, norm: str | None):
+    from .checkpoints import load_model
+
+    if Path(weights) == DEFAULT_WEIGHTS and not DEFAULT_WEIGHTS.exists():
+        raise CvaeError(f"no weights at {DEFAULT_WEIGHTS}: run `cvae inflate` first, or pass --weights")
+    return load_model(weights, norm=norm, device=device, dtype=dtype)
+
+
+def stream_options(mode: str, chunk: str, tile: str, device: str, dtype, size: tuple[int, int] | None = None):
+    from .stream import StreamOptions
+
+    tile_px = None if tile in ("off", "auto") else _int(tile, "--tile")
+    if tile == "auto" and size and size[0] * size[1] > 1920 * 1088:
+        tile_px = 512
+    if chunk == "auto":
+        area = (min(tile_px, size[0]) * min(tile_px, size[1])) if (tile_px and size) else (size[0] * size[1] if size else 0)
+        chunk_frames = 16 if not area else max(4, min(16, int(4 * 1280 * 720 / area) // 4 * 4))
+    else:
+        chunk_frames = _int(chunk, "--chunk")
+    try:
+        return StreamOptions(mode=mode, chunk=chunk_frames, tile=tile_px, device=device, dtype=dtype)
+    except ValueError as e:
+        raise CvaeError(str(e)) from None
+
+
+def _int(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CvaeError(f"{option} {text}: expected a whole number") from None
+
+
+def selection(frames: str | None, fps: float | None, size: str | None, max_side: int | None, allow_partial: bool):
+    from .pipeline import Selection
+
+    start, end = 0, None
+    if frames:
+        a, sep, b = frames.partition(":")
+        if not sep:
+            raise CvaeError(f"--frames {frames}: expected A:B, e.g. 0:65 or :33")
+        start, end = (_int(a, "--frames") if a else 0), (_int(b, "--frames") if b else None)
+    wh = None
+    if size:
+        w, sep, h = size.lower().partition("x")
+        if not sep:
+            raise CvaeError(f"--size {size}: expected WxH, e.g. 1280x720")
+        wh = (_int(w, "--size"), _int(h, "--size"))
+    return Selection(start=start, end=end, fps=fps, size=wh, max_side=max_side, allow_partial=allow_partial)
+
+
+def run_each(out: Output, jobs: list[tuple[Path, Path]], overwrite: bool, verb: str,
+             job: Callable[[Path, Path, Callable[[int], None]], object], total: Callable[[Path], int | None]) -> list:
+    """Run `job` per (input, output), skipping existing outputs; report failures, exit 1 if any."""
+    results, failures = [], []
+    for src, dst in jobs:
+        if dst.exists() and not overwrite:
+            out.info(f"[yellow]skip[/] {dst} exists (use --overwrite)")
+            continue
+        try:
+            if not src.exists():
+                raise CvaeError(f"no such file: {src}")
+            with out.progress(f"{verb} {src.name}", total(src)) as advance:
+                result = job(src, dst, advance)
+        except CvaeError as e:
+            out.error(str(e) if len(jobs) == 1 else f"{src}: {e}" if str(src) not in str(e) else str(e))
+            failures.append((src, str(e)))
+            continue
+        results.append(result)
+        out.info(f"[green]wrote[/] {dst} ({result.frames} frame{'s' if result.frames != 1 else ''})")
+    if len(jobs) > 1:
+        out.info(f"{len(results)} done, {len(jobs) - len(results) - len(failures)} skipped, {len(failures)} failed")
+    if failures:
+        if len(jobs) > 1:
+            for src, message in failures:
+                out.error(f"failed: {src}")
+        raise typer.Exit(1)
+    return results
+
+
+def frame_total(src: Path) -> int | None:
+    from . import media
+
+    try:
+        info = media.probe(src)
+    except CvaeError:
+        return None
+    return 1 if info.is_image else info.frame_count
+
+
+# --- commands --------------------------------------------------------------------------------
+
+@app.command()
+def inflate(
+    source: Annotated[Optional[str], typer.Option("--from", help="SD VAE: a hub repo id, or a local .safetensors/"
+                                                  ".bin/.ckpt in the diffusers or CompVis layout.")] = None,
+    init: Annotated[str, typer.Option("--init", help="tail (reconstructs untrained), center, average or random.")] = "tail",
+    arch: Annotated[str, typer.Option("--arch", help="v1.0.0 (default) or v1.1.0 (for fine-tuning).")] = "v1.0.0",
+    norm: Annotated[str, typer.Option("--norm", help="frame (exact streaming, default) or clip.")] = "frame",
+    output: OutFile = None,
+    quiet: Quiet = False,
+):
+    """Make a causal video VAE from the Stable Diffusion image VAE.
+
+    Examples:
+
+        cvae inflate                                   # stabilityai/sd-vae-ft-mse -> weights/cvae-tail.safetensors
+        cvae inflate --from ./vae-ft-mse-840000-ema-pruned.ckpt --init center -o weights/center.safetensors
+    """
+    from .checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, save_model
+    from .inflate import ARCHS, INITS, inflate as inflate_sd
+
+    out = Output(quiet)
+    if init not in INITS:
+        raise CvaeError(f"--init {init}: use one of {', '.join(INITS)}")
+    if arch not in ARCHS:
+        raise CvaeError(f"--arch {arch}: use one of {', '.join(ARCHS)}")
+    if norm not in ("frame", "clip"):
+        raise CvaeError(f"--norm {norm}: use frame or clip")
+    output = output or (DEFAULT_WEIGHTS if init == "tail" and arch == "v1.0.0" else Path("weights") / f"cvae-{init}-{arch}.safetensors")
+    path = fetch_sd_vae(source)
+    model = inflate_sd(path, init=init, norm=norm, arch=arch)
+    model.provenance["source"] = source or DEFAULT_SD_VAE
+    save_model(model, output)
+    params = sum(p.numel() for p in model.parameters())
+    out.info(f"[green]wrote[/] {output} ({output.stat().st_size / 2**20:.1f} MiB, {params / 1e6:.1f} M parameters, "
+             f"init {init}, arch {arch}, norm {norm})")
+
+
+@app.command()
+def info(files: Inputs):
+    """Show what a weights file or a latent file holds.
+
+    Examples:
+
+        cvae info weights/cvae-tail.safetensors
+        cvae info clip.safetensors
+    """
+    from safetensors import safe_open
+
+    from .checkpoints import weights_info
+    from .latents import LatentFile
+
+    console = Console(highlight=False, soft_wrap=True)
+    for path in expand(files):
+        if not path.exists():
+            raise CvaeError(f"no such file: {path}")
+        keys = {}
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), "pt") as f:
+                    keys = f.metadata() or {}
+            except Exception as e:
+                raise CvaeError(f"{path} is not a readable safetensors file: {e}") from None
+        if any(k.startswith("cvae.") for k in keys):
+            latent = LatentFile.open(path)
+            meta = latent.meta
+            console.print(f"[bold]{path}[/]: latents {tuple(latent.shape)} ({'with' if latent.has_logvar else 'no'} logvar)")
+            for k, v in vars(meta).items():
+                if k != "model_config":
+                    console.print(f"  {k}: {v}")
+            continue
+        info = weights_info(path)
+        console.print(f"[bold]{path}[/]: weights, {info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}")
+        for k in ("init", "arch", "source", "model_id", "format_version"):
+            if k in info:
+                console.print(f"  {k}: {info[k]}")
+        if info.get("config"):
+            console.print(f"  config: {json.dumps(info['config'], sort_keys=True)}")
+
+
+@app.command()
+def encode(
+    inputs: Inputs,
+    output: OutFile = None,
+    out_dir: OutDir = None,
+    weights: Weights = str(DEFAULT_WEIGHTS),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    mode: Mode = "stream",
+    chunk: Chunk = "auto",
+    tile: Tile = "auto",
+    norm: Norm = None,
+    frames: Frames = None,
+    fps: Fps = None,
+    size: Size = None,
+    max_side: MaxSide = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Store a posterior sample instead of its mean.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --sample.")] = 0,
+    save_logvar: Annotated[bool, typer.Option("--save-logvar", help="Also store the posterior log-variance.")] = False,
+    allow_partial: AllowPartial = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+):
+    """Encode videos or images to latent files (.safetensors).
+
+    Examples:
+
+        cvae encode clip.mp4 -o clip.safetensors
+        cvae encode 'videos/*.mp4' --out-dir latents/ --max-side 512 --fps 24
+        cvae encode photo.png --weights LanguageBind/Open-Sora-Plan-v1.1.0/vae
+    """
+    from . import media
+    from .pipeline import encode_file
+
+    out = Output(quiet)
+    paths = expand(inputs)
+    dev, dt = resolve_device(device, dtype)
+    model = load_weights(weights, dev, dt, norm)
+    select = selection(frames, fps, size, max_side, allow_partial)
+
+    def job(src: Path, dst: Path, advance):
+        info = media.probe(src)
+        wh = select.size or (media.fit_size(info.width, info.height, select.max_side) if select.max_side
+                             else (info.width, info.height))
+        options = stream_options(mode, chunk, tile, dev, dt, wh)
+        return encode_file(model, src, dst, options, select, seed=seed if sample else None,
+                           save_logvar=save_logvar, progress=advance)
+
+    jobs = [(p, output_for(p, output, out_dir, ".safetensors", len(paths))) for p in paths]
+    run_each(out, jobs, overwrite, "encoding", job, frame_total)
+
+
+@app.command()
+def decode(
+    inputs: Inputs,
+    output: OutFile = None,
+    out_dir: OutDir = None,
+    weights: Weights = str(DEFAULT_WEIGHTS),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    mode: Mode = "stream",
+    chunk: Chunk = "auto",
+    tile: Tile = "auto",
+    norm: Norm = None,
+    crf: Crf = 18,
+    force: Annotated[bool, typer.Option("--force", help="Decode latents made by other weights anyway.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+):
+    """Decode latent files to mp4 (H.264, yuv420p) at their original size and frame rate; a
+    single-frame latent decodes to png.
+
+    Examples:
+
+        cvae decode clip.safetensors -o clip.mp4
+        cvae decode 'latents/*.safetensors' --out-dir decoded/ --crf 12
+    """
+    from .latents import LatentFile
+    from .pipeline import decode_file
+
+    out = Output(quiet)
+    paths = expand(inputs)
+    dev, dt = resolve_device(device, dtype)
+    model = load_weights(weights, dev, dt, norm)
+
+    def suffix(p: Path) -> str:
+        try:
+            return ".png" if LatentFile.open(p).meta.fps is None else ".mp4"
+        except CvaeError:
+            return ".mp4"
+
+    def job(src: Path, dst: Path, advance):
+        meta = LatentFile.open(src).meta
+        options = stream_options(mode, chunk, tile, dev, dt, (meta.width, meta.height))
+        return decode_file(model, src, dst, options, crf=crf, force=force, progress=advance)
+
+    def total(src: Path):
+        try:
+            return LatentFile.open(src).meta.frames
+        except CvaeError:
+            return None
+
+    jobs = [(p, output_for(p, output, out_dir, suffix(p), len(paths))) for p in paths]
+    run_each(out, jobs, overwrite, "decoding", job, total)
+
+
+@app.command()
+def reconstruct(
+    inputs: Inputs,
+    output: OutFile = None,
+    out_dir: OutDir = None,
+    weights: Weights = str(DEFAULT_WEIGHTS),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    mode: Mode = "stream",
+    chunk: Chunk = "auto",
+    tile: Tile = "auto",
+    norm: Norm = None,
+    frames: Frames = None,
+    fps: Fps = None,
+    size: Size = None,
+    max_side: MaxSide = None,
+    crf: Crf = 18,
+    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input and reconstruction side by side.")] = False,
+    metrics_json: Annotated[Optional[Path], typer.Option("--metrics-json", help="Save per-frame PSNR/SSIM here.")] = None,
+    allow_partial: AllowPartial = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+):
+    """Encode and decode in one pass and score the result (PSNR, SSIM against the input).
+
+    Examples:
+
+        cvae reconstruct photo.png                     # writes photo.recon.png, prints PSNR/SSIM
+        cvae reconstruct clip.mp4 --side-by-side --metrics-json clip.metrics.json
+    """
+    from . import media
+    from .atomic import atomic_path
+    from .pipeline import reconstruct_file
+
+    out = Output(quiet)
+    paths = expand(inputs)
+    dev, dt = resolve_device(device, dtype)
+    model = load_weights(weights, dev, dt, norm)
+    select = selection(frames, fps, size, max_side, allow_partial)
+    report = {}
+
+    def job(src: Path, dst: Path, advance):
+        info = media.probe(src)
+        wh = select.size or (media.fit_size(info.width, info.height, select.max_side) if select.max_side
+                             else (info.width, info.height))
+        result = reconstruct_file(model, src, dst, stream_options(mode, chunk, tile, dev, dt, wh), select,
+                                  crf=crf, side_by_side=side_by_side, progress=advance)
+        m = result.metrics
+        out.info(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {len(m.psnr)} frames")
+        report[str(src)] = {**m.summary(), "psnr_per_frame": m.psnr, "ssim_per_frame": m.ssim}
+        return result
+
+    def suffix(p: Path) -> str:
+        return ".recon" + (".png" if media.is_image(p) else ".mp4")
+
+    jobs = [(p, output_for(p, output, out_dir, suffix(p), len(paths))) for p in paths]
+    try:
+        run_each(out, jobs, overwrite, "reconstructing", job, frame_total)
+    finally:
+        if metrics_json and report:
+            with atomic_path(metrics_json) as tmp:
+                tmp.write_text(json.dumps(report, indent=1, default=float))

@@ -1,0 +1,187 @@
+"""The command line as a user runs it: round trips, many inputs, and one-line errors with no output left."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from cvae_cli import media
+from cvae_cli.checkpoints import save_model
+from cvae_cli.cli import app
+from cvae_cli.latents import LatentFile
+from conftest import random_model
+
+runner = CliRunner()
+
+
+def cvae(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def make_video(path: Path, frames: int = 13, width: int = 94, height: int = 70, fps: int = 24) -> Path:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:  # index first
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    model = random_model(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
+    return save_model(model, tmp_path_factory.mktemp("w") / "tiny.safetensors", init="random")
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory) -> Path:
+    return save_model(random_model(seed=5, norm="frame"), tmp_path_factory.mktemp("w") / "other.safetensors")
+
+
+def test_video_round_trips_with_frame_count_fps_and_odd_size(tmp_path, weights):
+    video = make_video(tmp_path / "in.mp4", frames=13, width=94, height=70)
+    r = cvae("encode", video, "-o", tmp_path / "z.safetensors", "-w", weights, "--chunk", "4")
+    assert r.exit_code == 0, r.output
+    latent = LatentFile.open(tmp_path / "z.safetensors")
+    assert latent.shape == (4, 4, 9, 12) and latent.meta.frames == 13 and latent.meta.fps == 24
+    r = cvae("decode", tmp_path / "z.safetensors", "-o", tmp_path / "out.mp4", "-w", weights)
+    assert r.exit_code == 0, r.output
+    info = media.probe(tmp_path / "out.mp4")
+    assert (info.width, info.height, info.fps) == (94, 70, Fraction(24))
+    assert len(list(media.read_frames(tmp_path / "out.mp4"))) == 13
+
+
+def test_image_round_trips_to_png_and_reconstruct_reports_metrics(tmp_path, weights):
+    media.write_image(tmp_path / "img.png", np.random.default_rng(1).integers(0, 256, (37, 45, 3), dtype=np.uint8))
+    assert cvae("encode", tmp_path / "img.png", "-w", weights).exit_code == 0
+    assert LatentFile.open(tmp_path / "img.safetensors").meta.fps is None
+    r = cvae("decode", tmp_path / "img.safetensors", "-w", weights)
+    assert r.exit_code == 0, r.output
+    assert next(media.read_frames(tmp_path / "img.png")).shape == (37, 45, 3)
+    r = cvae("reconstruct", tmp_path / "img.png", "-w", weights, "--metrics-json", tmp_path / "m.json", "--side-by-side")
+    assert r.exit_code == 0, r.output and "PSNR" in r.output
+    assert next(media.read_frames(tmp_path / "img.recon.png")).shape == (37, 90, 3)
+    report = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "img.png")]
+    assert report["frames"] == 1 and 0 < report["psnr"] < 60
+
+
+def test_many_inputs_go_on_after_a_failure_and_summarize(tmp_path, weights):
+    make_video(tmp_path / "a.mp4", frames=5)
+    (tmp_path / "b.mp4").write_text("not a video")
+    make_video(tmp_path / "c.mp4", frames=5)
+    r = cvae("encode", tmp_path / "*.mp4", "--out-dir", tmp_path / "z", "-w", weights)
+    assert r.exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["a.safetensors", "c.safetensors"]
+    assert "2 done, 0 skipped, 1 failed" in r.output and "b.mp4" in r.output
+    r = cvae("encode", tmp_path / "a.mp4", tmp_path / "c.mp4", "--out-dir", tmp_path / "z", "-w", weights)
+    assert r.exit_code == 0 and "0 done, 2 skipped" in r.output
+
+
+def assert_one_line_error(r, *fragments: str):
+    assert r.exit_code != 0
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in r.output
+
+
+def test_missing_input(tmp_path, weights):
+    assert_one_line_error(cvae("encode", tmp_path / "nope.mp4", "-o", tmp_path / "z.safetensors", "-w", weights),
+                          "no such file")
+    assert not (tmp_path / "z.safetensors").exists()
+
+
+def test_not_media(tmp_path, weights):
+    (tmp_path / "notes.mp4").write_text("hello")
+    assert_one_line_error(cvae("encode", tmp_path / "notes.mp4", "-w", weights), "not an image or video")
+    assert not (tmp_path / "notes.safetensors").exists()
+
+
+def test_truncated_video_fails_unless_partial_is_allowed(tmp_path, weights):
+    video = make_video(tmp_path / "cut.mp4", frames=40, width=160, height=128)
+    data = video.read_bytes()
+    video.write_bytes(data[: len(data) * 6 // 10])  # the index comes first, so it survives the cut
+    assert_one_line_error(cvae("encode", video, "-w", weights), "corrupt or truncated", "--allow-partial")
+    assert not (tmp_path / "cut.safetensors").exists()
+    assert cvae("encode", video, "-w", weights, "--allow-partial").exit_code == 0
+    assert 0 < LatentFile.open(tmp_path / "cut.safetensors").meta.frames < 40
+
+
+def test_latent_from_other_weights_is_refused_unless_forced(tmp_path, weights, other_weights):
+    make_video(tmp_path / "v.mp4", frames=5)
+    assert cvae("encode", tmp_path / "v.mp4", "-w", weights).exit_code == 0
+    r = cvae("decode", tmp_path / "v.safetensors", "-o", tmp_path / "out.mp4", "-w", other_weights)
+    assert_one_line_error(r, "was encoded with weights", "--force")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4", "v.safetensors"]
+    assert cvae("decode", tmp_path / "v.safetensors", "-o", tmp_path / "forced.mp4", "-w", other_weights,
+                "--force").exit_code == 0
+
+
+def test_wrong_latent_file(tmp_path, weights):
+    save_file({"latent": torch.zeros(4, 1, 2, 2)}, str(tmp_path / "plain.safetensors"))
+    assert_one_line_error(cvae("decode", tmp_path / "plain.safetensors", "-w", weights), "not a cvae latent file")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{junk")
+    assert_one_line_error(cvae("decode", tmp_path / "junk.safetensors", "-w", weights), "not a readable safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.safetensors", "plain.safetensors"]
+
+
+def test_unwritable_output(tmp_path, weights):
+    make_video(tmp_path / "v.mp4", frames=5)
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / "file" / "z.safetensors", "-w", weights),
+                          "cannot write")
+
+
+def test_missing_default_weights_point_to_inflate(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    media.write_image(tmp_path / "img.png", np.zeros((16, 16, 3), np.uint8))
+    assert_one_line_error(cvae("encode", "img.png"), "cvae inflate")
+
+
+def test_inflate_offline_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    r = cvae("inflate", "-o", tmp_path / "w.safetensors")
+    assert_one_line_error(r, "--from")
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_inflate_from_local_file_and_info(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "sd.safetensors"))
+    r = cvae("inflate", "--from", tmp_path / "sd.safetensors", "--init", "center", "-o", tmp_path / "w.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "w.safetensors" in r.output and "MiB" in r.output
+    r = cvae("info", tmp_path / "w.safetensors")
+    assert r.exit_code == 0 and "init: center" in r.output and "parameters" in r.output
+
+
+def test_unknown_weight_layout(tmp_path):
+    save_file({"something.else": torch.zeros(3)}, str(tmp_path / "odd.safetensors"))
+    assert_one_line_error(cvae("inflate", "--from", tmp_path / "odd.safetensors", "-o", tmp_path / "w.safetensors"),
+                          "not an SD VAE")
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_help_has_examples():
+    for command in ("encode", "decode", "reconstruct", "inflate", "info"):
+        r = cvae(command, "--help")
+        assert r.exit_code == 0 and "Examples" in r.output
