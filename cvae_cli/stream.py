@@ -154,7 +154,7 @@ def frames_to_pixels(frames: Sequence[np.ndarray], options: StreamOptions, facto
         x = x.pin_memory().to(options.device, non_blocking=True)
     x = x.permute(3, 0, 1, 2).unsqueeze(0).to(options.dtype).div_(127.5).sub_(1)
     h, w = x.shape[-2:]
-    pad = (0, padded_size(w, factor) - w, 0, padded_size(h, factor) - h)
+    pad = (0, padded_size(w, factor) - w, 0, padded_size(h, factor) - h, 0, 0)
     return F.pad(x, pad, mode="replicate") if any(pad) else x
 
 

@@ -36,6 +36,7 @@ class CausalVAEConfig:
     double_z: bool = True
     dropout: float = 0.0
     attn_resolutions: tuple[int, ...] = ()
+    resolution: int = 256  # only places attention when attn_resolutions is set
     in_channels: int = 3
     out_channels: int = 3
     q_conv: str = "CausalConv3d"
@@ -58,7 +59,6 @@ class CausalVAEConfig:
     lr: Any = None
     loss_type: Any = None
     loss_params: Any = None
-    resolution: Any = None
     _class_name: Any = None
     _diffusers_version: Any = None
     _name_or_path: Any = None

@@ -65,7 +65,7 @@ class Encoder(nn.Module):
         mult = (1,) + tuple(cfg.hidden_size_mult)
         self.conv_in = _conv(cfg.encoder_conv_in, cfg.in_channels, cfg.hidden_size, 3)
         self.down = nn.ModuleList()
-        res = cfg.resolution or 256
+        res = cfg.resolution
         for i in range(len(cfg.hidden_size_mult)):
             level, cin, cout = Level(), cfg.hidden_size * mult[i], cfg.hidden_size * mult[i + 1]
             level.block = nn.ModuleList(
@@ -98,7 +98,7 @@ class Decoder(nn.Module):
         super().__init__()
         levels = len(cfg.hidden_size_mult)
         width = cfg.hidden_size * cfg.hidden_size_mult[-1]
-        res = (cfg.resolution or 256) // 2 ** (levels - 1)
+        res = cfg.resolution // 2 ** (levels - 1)
         self.conv_in = _conv(cfg.decoder_conv_in, cfg.z_channels, width, 3)
         self.mid = Mid(width, cfg, cfg.decoder_mid_resnet, cfg.decoder_attention)
         up = []
