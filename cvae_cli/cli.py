@@ -200,7 +200,7 @@ def run_each(out: Output, jobs: list[tuple[Path, Path]], overwrite: bool, verb: 
             with out.progress(f"{verb} {src.name}", total(src)) as advance:
                 result = job(src, dst, advance)
         except CvaeError as e:
-            out.error(str(e) if len(jobs) == 1 else f"{src}: {e}" if str(src) not in str(e) else str(e))
+            out.error(str(e) if len(jobs) == 1 or str(src) in str(e) else f"{src}: {e}")
             failures.append((src, str(e)))
             continue
         results.append(result)

@@ -185,3 +185,44 @@ def test_help_has_examples():
     for command in ("encode", "decode", "reconstruct", "inflate", "info"):
         r = cvae(command, "--help")
         assert r.exit_code == 0 and "Examples" in r.output
+
+
+def test_selection_sampling_and_logvar(tmp_path, weights):
+    make_video(tmp_path / "v.mp4", frames=13, width=94, height=70)
+    r = cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / "z.safetensors", "-w", weights,
+             "--frames", "2:9", "--size", "48x32", "--sample", "--seed", "3", "--save-logvar")
+    assert r.exit_code == 0, r.output
+    latent = LatentFile.open(tmp_path / "z.safetensors")
+    assert (latent.meta.frames, latent.meta.width, latent.meta.height) == (7, 48, 32)
+    assert latent.shape == (4, 3, 4, 6) and latent.has_logvar and latent.meta.sampled
+    again = tmp_path / "again.safetensors"
+    assert cvae("encode", tmp_path / "v.mp4", "-o", again, "-w", weights, "--frames", "2:9", "--size", "48x32",
+                "--sample", "--seed", "3").exit_code == 0
+    assert torch.equal(LatentFile.open(again).read(), latent.read())  # same seed, same sample
+    r = cvae("info", tmp_path / "z.safetensors")
+    assert r.exit_code == 0 and "(4, 3, 4, 6)" in r.output and "frames: 7" in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "5"], "expected A:B"),
+    (["--size", "big"], "expected WxH"),
+    (["--chunk", "6"], "multiple of 4"),
+    (["--dtype", "int8"], "use auto"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, weights, args, message):
+    make_video(tmp_path / "v.mp4", frames=5)
+    assert_one_line_error(cvae("encode", tmp_path / "v.mp4", "-w", weights, "--device", "cpu", *args), message)
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_bad_weights_are_one_line_errors(tmp_path, weights):
+    media.write_image(tmp_path / "img.png", np.zeros((16, 16, 3), np.uint8))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(weights.read_bytes()[:5000])
+    assert_one_line_error(cvae("encode", tmp_path / "img.png", "-w", cut), "cut.safetensors")
+    folder = tmp_path / "released"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"encoder_attention": "AttnBlockXL"}))
+    save_file({"x": torch.zeros(1)}, str(folder / "diffusion_pytorch_model.safetensors"))
+    assert_one_line_error(cvae("encode", tmp_path / "img.png", "-w", folder), "unknown block 'AttnBlockXL'")
+    assert not (tmp_path / "img.safetensors").exists()
