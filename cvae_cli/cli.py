@@ -241,8 +241,10 @@ def inflate(
 
     Examples:
 
+    ```
         cvae inflate                                   # stabilityai/sd-vae-ft-mse -> weights/cvae-tail.safetensors
         cvae inflate --from ./vae-ft-mse-840000-ema-pruned.ckpt --init center -o weights/center.safetensors
+    ```
     """
     from .checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, save_model
     from .inflate import ARCHS, INITS, inflate as inflate_sd
@@ -270,8 +272,10 @@ def info(files: Inputs):
 
     Examples:
 
+    ```
         cvae info weights/cvae-tail.safetensors
         cvae info clip.safetensors
+    ```
     """
     from safetensors import safe_open
 
@@ -308,9 +312,16 @@ def info(files: Inputs):
 
 @app.command()
 def encode(
-    inputs: Inputs,
+    inputs: Annotated[Optional[List[str]], typer.Argument(help="Input files (globs allowed); none with --manifest.",
+                                                          show_default=False)] = None,
     output: OutFile = None,
     out_dir: OutDir = None,
+    manifest: Annotated[Optional[Path], typer.Option(
+        "--manifest", help="A dataset: .txt (a path a line), .csv or .jsonl (`path` plus optional `start`, `end`, "
+                           "`fps`, `size`, `output`), paths relative to the manifest's folder. Outputs mirror them "
+                           "under --out-dir; complete ones are skipped (resumable); failures go to "
+                           "failures.jsonl, totals to summary.json. Under torchrun, ranks share the clips.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --manifest: list what would be done, and stop.")] = False,
     weights: Weights = str(DEFAULT_WEIGHTS),
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -333,14 +344,61 @@ def encode(
 
     Examples:
 
+    ```
         cvae encode clip.mp4 -o clip.safetensors
         cvae encode 'videos/*.mp4' --out-dir latents/ --max-side 512 --fps 24
         cvae encode photo.png --weights LanguageBind/Open-Sora-Plan-v1.1.0/vae
+        cvae encode --manifest clips.csv --out-dir latents/ --dry-run
+        torchrun --nproc_per_node 8 -m cvae_cli encode --manifest clips.csv --out-dir latents/
+    ```
     """
     from . import media
     from .pipeline import encode_file
 
     out = Output(quiet)
+    if manifest is not None:
+        from . import batch
+
+        if inputs or output is not None or out_dir is None:
+            raise CvaeError("--manifest takes no input files and no -o; it needs --out-dir")
+        clips = batch.read_manifest(manifest)
+        dist = batch.Dist.from_env()
+        dev, dt = resolve_device(dist.device(device), dtype)
+        select = selection(frames, fps, size, max_side, allow_partial)
+        with dist.session(dev):
+            plan = batch.make_plan(clips, out_dir, dist, overwrite)
+            if dry_run:
+                if dist.rank == 0:
+                    for line in plan.lines():
+                        typer.echo(line)
+                return
+            model = load_weights(weights, dev, dt, norm)
+
+            def clip_options(src: Path, sel):
+                info = media.probe(src)
+                wh = sel.size or (media.fit_size(info.width, info.height, sel.max_side) if sel.max_side
+                                  else (info.width, info.height))
+                return stream_options(mode, chunk, tile, dev, dt, wh)
+
+            # one process on a terminal: a bar per clip; else (logs, torchrun) one line per clip,
+            # prefixed with the rank, written whole so processes never interleave mid-line
+            bars = dist.world == 1 and out.console.is_terminal
+            note = (lambda m: None) if quiet else (out.info if bars else batch.line_writer(dist.rank, dist.world))
+            mine, failures = batch.run_plan(model, plan, clip_options, select, rank=dist.rank,
+                                            seed=seed if sample else None, save_logvar=save_logvar,
+                                            overwrite=overwrite, note=lambda m: note(escape(m) if bars else m),
+                                            progress=(lambda name, total: out.progress(f"encoding {escape(name)}", total))
+                                            if bars else None)
+            summary = batch.finish(dist, out_dir, mine, failures)
+            if dist.rank == 0:
+                out.info(escape(f"{summary.line()} -> {out_dir / 'summary.json'}"))
+                if summary.failed:
+                    out.error(f"{summary.failed} clip(s) failed: see {out_dir / 'failures.jsonl'}")
+        if summary.failed and dist.rank == 0:  # rank 0 speaks for the run; the others exit 0
+            raise typer.Exit(1)
+        return
+    if not inputs:
+        raise CvaeError("give input files, or --manifest")
     paths = expand(inputs)
     dev, dt = resolve_device(device, dtype)
     model = load_weights(weights, dev, dt, norm)
@@ -380,8 +438,10 @@ def decode(
 
     Examples:
 
+    ```
         cvae decode clip.safetensors -o clip.mp4
         cvae decode 'latents/*.safetensors' --out-dir decoded/ --crf 12
+    ```
     """
     from .latents import LatentFile
     from .pipeline import decode_file
@@ -439,8 +499,10 @@ def reconstruct(
 
     Examples:
 
+    ```
         cvae reconstruct photo.png                     # writes photo.recon.png, prints PSNR/SSIM
         cvae reconstruct clip.mp4 --side-by-side --metrics-json clip.metrics.json
+    ```
     """
     from . import media
     from .atomic import atomic_path

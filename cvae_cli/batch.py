@@ -1,0 +1,570 @@
+"""Whole datasets: manifests, resumable runs, and many processes through torch.distributed.
+
+A manifest lists clips; every clip's output mirrors its path relative to the manifest's folder
+under `out_dir` (`videos/a/b.mp4` -> `OUT/videos/a/b.safetensors`). A run is resumable because
+outputs appear atomically (`latents.LatentWriter`): an output that opens as a latent file is
+complete and is skipped; anything else is (re)done. Stale temporary files of a killed run
+(`.NAME.*.part.safetensors`, `.NAME.*.latent.raw`) are removed by the rank that owns NAME before it
+touches NAME. Run one job per output folder at a time.
+
+Many processes: launch the same command under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK come from
+the environment). Every rank reads the whole manifest, surveys a strided share of it (is the output
+complete? how many frames?), and the surveys are exchanged with `all_gather_object`, so every rank
+computes the same plan: `split` assigns pending clips greedily, longest first, to the least-loaded
+rank (LPT), ties broken by manifest order and rank number, so the split is deterministic and
+balanced by frame count. Frame counts come from the container header (minus `start`, or
+`end - start` when the manifest gives `end`, scaled by a manifest `fps`); a clip whose header says
+nothing is estimated from its file size at the mean bytes-per-frame of the others.
+
+Failures never stop a run: each is appended, as it happens, to `OUT/.cvae/failures.rank-R.jsonl` (so
+an interrupted run leaves a record), and at the end rank 0 gathers all of them into
+`OUT/failures.jsonl` and the totals into `OUT/summary.json` (both written atomically) and removes
+the per-rank logs. Only rank 0 prints the summary.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import glob
+import heapq
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+from .atomic import atomic_path
+from .errors import CvaeError
+from .latents import LatentFile
+from .pipeline import Selection
+
+SUFFIX = ".safetensors"
+RUN_DIR = ".cvae"  # per-rank live failure logs, under out_dir
+_FIELDS = ("path", "start", "end", "fps", "size", "output")
+_DEFAULT_BYTES_PER_FRAME = 20_000  # only when no clip of the manifest says how long it is
+
+
+# --- manifests -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Clip:
+    """One manifest entry: a source file, the frames wanted, and its output path under out_dir."""
+
+    path: Path  # the source, resolved against the manifest's folder
+    output: PurePosixPath  # relative to out_dir
+    start: int | None = None
+    end: int | None = None
+    fps: float | None = None
+    size: tuple[int, int] | None = None  # (width, height)
+    line: int = 0  # in the manifest, for messages
+
+    def selection(self, base: Selection = Selection()) -> Selection:
+        """`base` (the command line's options) with this clip's own fields on top."""
+        given = {k: getattr(self, k) for k in ("start", "end", "fps", "size") if getattr(self, k) is not None}
+        return replace(base, **given)
+
+    def record(self) -> dict:
+        out = {"path": str(self.path), "output": str(self.output), "line": self.line}
+        out.update({k: getattr(self, k) for k in ("start", "end", "fps") if getattr(self, k) is not None})
+        if self.size:
+            out["size"] = f"{self.size[0]}x{self.size[1]}"
+        return out
+
+
+def read_manifest(path: str | os.PathLike) -> list[Clip]:
+    """Clips from a .txt (one path a line; blank lines and `#` comments skipped), a .csv (header
+    with a `path` column) or a .jsonl (an object a line with a `path` key). Optional per-clip
+    fields: `start`, `end` (frame indices, end exclusive), `fps`, `size` (WxH), `output` (a path
+    under out_dir). Exact duplicates are dropped; two clips writing one output are an error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise CvaeError(f"cannot read manifest {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise CvaeError(f"manifest {path} is not UTF-8 text") from None
+    kind = path.suffix.lower()
+    if kind == ".csv":
+        rows = _csv_rows(path, text)
+    elif kind in (".jsonl", ".ndjson"):
+        rows = _jsonl_rows(path, text)
+    else:
+        rows = ((n, {"path": line.strip()}) for n, line in enumerate(text.splitlines(), 1)
+                if line.strip() and not line.lstrip().startswith("#"))
+    base = Path(os.path.abspath(path.parent))
+    clips, seen = [], {}
+    for n, row in rows:
+        clip = _clip(row, base, f"{path}:{n}", n)
+        other = seen.get(clip.output)
+        if other is not None:
+            if replace(other, line=0) == replace(clip, line=0):
+                continue
+            raise CvaeError(f"{path}: lines {other.line} and {n} both write {clip.output} "
+                            "(give them an `output` column)")
+        seen[clip.output] = clip
+        clips.append(clip)
+    if not clips:
+        raise CvaeError(f"manifest {path} lists no clips")
+    return clips
+
+
+def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
+        raise CvaeError(f"manifest {path}: the CSV header needs a `path` column (got {reader.fieldnames})")
+    for row in reader:
+        yield reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise CvaeError(f"{path}:{n}: not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise CvaeError(f"{path}:{n}: expected a JSON object with a `path` key")
+        yield n, row
+
+
+def _clip(row: dict, base: Path, where: str, line: int) -> Clip:
+    def get(key):
+        v = row.get(key)
+        return None if v is None or v == "" else v
+
+    src = get("path")
+    if not isinstance(src, str):
+        raise CvaeError(f"{where}: no `path`")
+    src_path = Path(os.path.normpath(base / os.path.expanduser(src)))
+    try:
+        start = None if get("start") is None else int(get("start"))
+        end = None if get("end") is None else int(get("end"))
+        fps = None if get("fps") is None else float(get("fps"))
+    except (TypeError, ValueError):
+        raise CvaeError(f"{where}: start and end must be whole numbers and fps a number") from None
+    if (start is not None and start < 0) or (end is not None and end <= (start or 0)) or (fps is not None and fps <= 0):
+        raise CvaeError(f"{where}: bad selection start={start} end={end} fps={fps}")
+    size = get("size")
+    if size is not None:
+        try:
+            w, h = (size if isinstance(size, (list, tuple)) else str(size).lower().split("x"))
+            size = (int(w), int(h))
+            if min(size) < 1:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise CvaeError(f"{where}: size {size!r}: expected WxH, e.g. 640x360") from None
+    output = get("output")
+    if output is not None:
+        out = PurePosixPath(str(output).replace(os.sep, "/"))
+        if out.is_absolute() or ".." in out.parts or not out.name:
+            raise CvaeError(f"{where}: output {output!r} must be a relative path inside --out-dir")
+    else:
+        out = PurePosixPath(mirror(src_path, base)).with_suffix(SUFFIX)
+    return Clip(src_path, out, start, end, fps, size, line)
+
+
+def mirror(src: Path, base: Path) -> str:
+    """`src` relative to `base`; a path outside `base` keeps its whole absolute path (anchor dropped)."""
+    rel = os.path.relpath(src, base) if os.path.splitdrive(str(src))[0] == os.path.splitdrive(str(base))[0] else ".."
+    if rel == ".." or rel.startswith(".." + os.sep):
+        rel = str(Path(*src.parts[1:]))
+    return rel.replace(os.sep, "/")
+
+
+# --- completeness and temporary files ----------------------------------------------------------
+
+def is_complete(dst: Path) -> bool:
+    """True when `dst` is a finished latent file (outputs appear atomically, so one that opens is whole)."""
+    if not dst.is_file():
+        return False
+    try:
+        LatentFile.open(dst)
+    except CvaeError:
+        return False
+    return True
+
+
+def clean_stale(dst: Path) -> list[Path]:
+    """Remove temporary files a killed writer of `dst` left beside it; return what was removed."""
+    removed = []
+    for p in glob.glob(os.path.join(glob.escape(str(dst.parent)), "." + glob.escape(dst.name) + ".*")):
+        if p.endswith((".part" + dst.suffix, ".latent.raw", ".logvar.raw")):
+            try:
+                os.unlink(p)
+                removed.append(Path(p))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+# --- distributed glue --------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int | None = None
+    started: bool = False
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local = os.environ.get("LOCAL_RANK")
+            local_rank = int(local) if local is not None else None
+        except ValueError:
+            raise CvaeError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers") from None
+        if world < 1 or not 0 <= rank < world:
+            raise CvaeError(f"RANK={rank} is not within WORLD_SIZE={world}")
+        return cls(rank, world, local_rank)
+
+    def device(self, device: str) -> str:
+        """`auto`/`cuda` -> `cuda:LOCAL_RANK` under torchrun; an explicit `cuda:N` or `cpu` stays."""
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.local_rank is not None:
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def start(self, device: str) -> None:
+        """Join the process group (only when WORLD_SIZE > 1): nccl for CUDA devices, else gloo
+        (CVAE_DIST_BACKEND overrides). The timeout (CVAE_DIST_TIMEOUT_S, default 48 h) bounds how
+        long a rank that finished its share waits for the slowest one."""
+        if self.world == 1 or self.started:
+            return
+        import torch
+        import torch.distributed as td
+
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(torch.device(device))
+        backend = os.environ.get("CVAE_DIST_BACKEND") or ("nccl" if cuda else "gloo")
+        try:
+            timeout = datetime.timedelta(seconds=float(os.environ.get("CVAE_DIST_TIMEOUT_S", 48 * 3600)))
+            td.init_process_group(backend=backend, timeout=timeout)
+        except (RuntimeError, ValueError) as e:  # no MASTER_ADDR, unreachable rendezvous, bad backend
+            raise CvaeError(f"cannot join the torch.distributed group (rank {self.rank} of {self.world}, "
+                            f"{backend}): {e}") from None
+        self.started = True
+
+    def gather(self, obj: Any) -> list:
+        """Every rank's `obj`, on every rank, in rank order."""
+        if not self.started:
+            return [obj]
+        import torch.distributed as td
+
+        out: list = [None] * self.world
+        td.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.started:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+            self.started = False
+
+    @contextmanager
+    def session(self, device: str) -> Iterator[Dist]:
+        self.start(device)
+        try:
+            yield self
+        finally:
+            self.close()
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+def estimate_frames(clip: Clip) -> int | None:
+    """The frames a clip will yield, from its selection and the container's claim (None: unknown)."""
+    from . import media
+
+    if clip.end is not None and clip.fps is None:
+        return clip.end - (clip.start or 0)
+    try:
+        info = media.probe(clip.path)
+    except Exception:
+        return None
+    if info.is_image:
+        return 1
+    if info.frame_count is None:
+        return None
+    frames = float(info.frame_count)
+    if clip.fps and info.fps:
+        frames *= clip.fps / float(info.fps)
+    frames -= clip.start or 0
+    if clip.end is not None:
+        frames = min(frames, clip.end - (clip.start or 0))
+    return max(1, round(frames))
+
+
+def split(weights: Sequence[float], world: int) -> list[int]:
+    """The rank of each item: longest first onto the least-loaded rank (greedy LPT). Deterministic:
+    equal weights keep their order, equal loads go to the lower rank. Max load <= 4/3 of optimal."""
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+    heap = [(0.0, r) for r in range(world)]
+    owner = [0] * len(weights)
+    for i in order:
+        load, r = heapq.heappop(heap)
+        owner[i] = r
+        heapq.heappush(heap, (load + max(weights[i], 0), r))
+    return owner
+
+
+@dataclass
+class Plan:
+    """Who does what: for each clip, whether its output is already complete and which rank owns it."""
+
+    clips: list[Clip]
+    out_dir: Path
+    complete: list[bool]
+    owner: list[int]
+    frames: list[float]  # estimates (planning only; empty lists of 0 in one-process runs)
+    world: int = 1
+
+    def output(self, i: int) -> Path:
+        return self.out_dir / Path(*self.clips[i].output.parts)
+
+    def mine(self, rank: int) -> list[int]:
+        return [i for i, r in enumerate(self.owner) if r == rank]
+
+    def lines(self) -> Iterator[str]:
+        """Dry-run listing."""
+        for i, clip in enumerate(self.clips):
+            who = f" [rank {self.owner[i]}]" if self.world > 1 else ""
+            if self.complete[i]:
+                yield f"skip   {self.output(i)} (complete){who}"
+            else:
+                sel = clip.record()
+                extra = ", ".join(f"{k} {sel[k]}" for k in ("start", "end", "fps", "size") if k in sel)
+                yield f"encode {clip.path} -> {self.output(i)}{f' ({extra})' if extra else ''}{who}"
+        pending = self.complete.count(False)
+        yield f"{pending} to encode, {len(self.clips) - pending} complete, {self.world} process(es)"
+        if self.world > 1:
+            loads = [0.0] * self.world
+            for i, r in enumerate(self.owner):
+                loads[r] += 0 if self.complete[i] else self.frames[i]
+            yield "estimated frames per rank: " + ", ".join(f"{r}: {round(x)}" for r, x in enumerate(loads))
+
+
+def make_plan(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), overwrite: bool = False) -> Plan:
+    """Survey a strided share per rank, exchange the surveys, and split the pending clips."""
+    out_dir = Path(out_dir)
+    survey = {}
+    for i in range(dist.rank, len(clips), dist.world):
+        dst = out_dir / Path(*clips[i].output.parts)
+        done = not overwrite and is_complete(dst)
+        frames = None if done or dist.world == 1 else estimate_frames(clips[i])
+        size = 0
+        if frames is None and not done and dist.world > 1:
+            try:
+                size = clips[i].path.stat().st_size
+            except OSError:
+                pass
+        survey[i] = (done, frames, size)
+    if dist.world > 1:
+        survey = {k: v for part in dist.gather(survey) for k, v in part.items()}
+    complete = [survey[i][0] for i in range(len(clips))]
+    known = [(f, s) for d, f, s in survey.values() if f is not None and s]
+    bytes_per_frame = (sum(s for _, s in known) / sum(f for f, _ in known)) if known else _DEFAULT_BYTES_PER_FRAME
+    frames = [0.0 if d else float(f if f is not None else max(1.0, s / bytes_per_frame))
+              for d, f, s in (survey[i] for i in range(len(clips)))]
+    pending = [i for i in range(len(clips)) if not complete[i]]
+    owner = [i % dist.world for i in range(len(clips))]  # complete ones: whoever surveyed them
+    for i, r in zip(pending, split([frames[i] for i in pending], dist.world)):
+        owner[i] = r
+    return Plan(clips, out_dir, complete, owner, frames, dist.world)
+
+
+# --- running ----------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    clips: int = 0  # handled by this rank (or all, once merged)
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    frames: int = 0  # encoded by this run
+    seconds: float = 0.0  # wall time (the slowest rank's, once merged)
+    world_size: int = 1
+    ranks: list = field(default_factory=list)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        out["frames_per_s"] = round(self.frames_per_s, 3)
+        return out
+
+    def line(self) -> str:
+        return (f"{self.done} done, {self.skipped} skipped, {self.failed} failed; {self.frames} frames "
+                f"in {self.seconds:.1f} s ({self.frames_per_s:.1f} frames/s)"
+                + (f" on {self.world_size} processes" if self.world_size > 1 else ""))
+
+    @classmethod
+    def merge(cls, parts: Sequence[Summary]) -> Summary:
+        return cls(clips=sum(p.clips for p in parts), done=sum(p.done for p in parts),
+                   skipped=sum(p.skipped for p in parts), failed=sum(p.failed for p in parts),
+                   frames=sum(p.frames for p in parts), seconds=max((p.seconds for p in parts), default=0.0),
+                   world_size=len(parts),
+                   ranks=[{"rank": r, **{k: v for k, v in p.to_json().items() if k not in ("ranks", "world_size")}}
+                          for r, p in enumerate(parts)])
+
+
+Note = Callable[[str], None]
+ProgressFactory = Callable[[str, "int | None"], ContextManager[Callable[[int], None]]]
+
+
+def failure_log(out_dir: Path, rank: int) -> Path:
+    return Path(out_dir) / RUN_DIR / f"failures.rank-{rank}.jsonl"
+
+
+def run_plan(model, plan: Plan, options, select: Selection = Selection(), *, rank: int = 0,
+             seed: int | None = None, save_logvar: bool = False, overwrite: bool = False,
+             note: Note | None = None, progress: ProgressFactory | None = None) -> tuple[Summary, list[dict]]:
+    """Encode this rank's share of `plan`; never raises for a bad clip. `options` is a StreamOptions
+    or a function (source path, Selection) -> StreamOptions. Returns this rank's summary and failures."""
+    from .checkpoints import model_id
+    from .pipeline import encode_file
+
+    note = note or (lambda message: None)
+    want_id = model_id(model)
+    log_path = failure_log(plan.out_dir, rank)
+    log = None
+    failures: list[dict] = []
+    summary = Summary(world_size=1)
+    t0 = time.perf_counter()
+
+    def fail(clip: Clip, error: str):
+        nonlocal log
+        record = {**clip.record(), "error": error, "rank": rank,
+                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        failures.append(record)
+        summary.failed += 1
+        note(f"failed {error}" if str(clip.path) in error else f"failed {clip.path}: {error}")
+        try:
+            if log is None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = open(log_path, "w", encoding="utf-8")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        except OSError:
+            pass  # the record still reaches failures.jsonl at the end
+
+    try:
+        log_path.unlink(missing_ok=True)  # this rank's log of an earlier run; this run's starts afresh
+    except OSError:
+        pass
+    try:
+        for i in plan.mine(rank):
+            clip, dst = plan.clips[i], plan.output(i)
+            summary.clips += 1
+            clean_stale(dst)
+            if plan.complete[i] and not overwrite:
+                try:
+                    made_by = LatentFile.open(dst).meta.model_id
+                except CvaeError as e:
+                    fail(clip, str(e))
+                    continue
+                if made_by != want_id:
+                    fail(clip, f"{dst} exists but was encoded with weights {made_by}, not {want_id} "
+                               "(use --overwrite or another --out-dir)")
+                else:
+                    summary.skipped += 1
+                continue
+            select_i = clip.selection(select)
+            t = time.perf_counter()
+            try:
+                opts = options(clip.path, select_i) if callable(options) else options
+                with (progress(clip.path.name, int(plan.frames[i]) or None) if progress else nullcontext(None)) as advance:
+                    result = encode_file(model, clip.path, dst, opts, select_i, seed=seed,
+                                         save_logvar=save_logvar, progress=advance)
+            except CvaeError as e:
+                fail(clip, str(e))
+                continue
+            except Exception as e:  # a bad clip must not end a run of millions: record it, go on
+                fail(clip, f"{type(e).__name__}: {e}")
+                _free_cuda()
+                continue
+            summary.done += 1
+            summary.frames += result.frames
+            dt = time.perf_counter() - t
+            note(f"done {clip.path} -> {dst} ({result.frames} frames, {result.frames / dt if dt else 0:.1f} frames/s)")
+    finally:
+        if log is not None:
+            log.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary, failures
+
+
+def _free_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def finish(dist: Dist, out_dir: Path, summary: Summary, failures: list[dict]) -> Summary:
+    """Gather every rank's summary and failures; rank 0 writes failures.jsonl and summary.json
+    (atomically) and removes the per-rank logs. Returns the merged summary on every rank."""
+    parts = dist.gather((summary, failures))
+    total = Summary.merge([p[0] for p in parts])
+    if dist.rank == 0:
+        out_dir = Path(out_dir)
+        every = sorted((f for p in parts for f in p[1]), key=lambda f: f.get("line", 0))
+        with atomic_path(out_dir / "failures.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(f) + "\n" for f in every), encoding="utf-8")
+        with atomic_path(out_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps(total.to_json(), indent=1) + "\n", encoding="utf-8")
+        for p in (out_dir / RUN_DIR).glob("failures.rank-*.jsonl"):
+            p.unlink(missing_ok=True)
+        try:
+            (out_dir / RUN_DIR).rmdir()
+        except OSError:
+            pass
+    return total
+
+
+def run_manifest(model, clips: list[Clip], out_dir: Path, options, select: Selection = Selection(), *,
+                 dist: Dist | None = None, seed: int | None = None, save_logvar: bool = False,
+                 overwrite: bool = False, note: Note | None = None,
+                 progress: ProgressFactory | None = None) -> Summary:
+    """Plan, encode this rank's share, gather: the whole job for one process (`dist` already started)."""
+    dist = dist or Dist()
+    plan = make_plan(clips, out_dir, dist, overwrite)
+    summary, failures = run_plan(model, plan, options, select, rank=dist.rank, seed=seed,
+                                 save_logvar=save_logvar, overwrite=overwrite, note=note, progress=progress)
+    return finish(dist, out_dir, summary, failures)
+
+
+def line_writer(rank: int, world: int, stream=None) -> Note:
+    """Per-clip lines for logs and many processes: `[rank r] ...`, each line one write() call so
+    lines from different processes sharing a terminal or log file never interleave mid-line."""
+    stream = stream or sys.stderr
+    prefix = f"[rank {rank}] " if world > 1 else ""
+
+    def write(message: str) -> None:
+        data = (prefix + message.replace("\n", " ") + "\n").encode("utf-8", "replace")
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            stream.write(data.decode("utf-8"))
+            stream.flush()
+            return
+        stream.flush()
+        os.write(fd, data)
+
+    return write
