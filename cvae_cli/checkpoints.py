@@ -216,13 +216,21 @@ def sd_vae_to_compvis(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     if any(".down_blocks." in k or ".mid_block." in k or ".up_blocks." in k for k in sd):
         sd = _diffusers_to_compvis(sd)
     expected = compvis_shapes(sd_vae_config(sd))
-    for key, shape in expected.items():
-        if key not in sd:
-            raise CvaeError(f"not an SD VAE state dict: missing {key}")
-        if tuple(sd[key].shape) != shape:
-            raise CvaeError(f"not an SD VAE state dict: unexpected shape for {key}: "
-                            f"{tuple(sd[key].shape)} (expected {shape})")
+    check_shapes(sd, expected, "not an SD VAE state dict")
     return {k: sd[k] for k in expected}
+
+
+def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], problem: str,
+                 strict: bool = False) -> None:
+    """Name the first missing, misshapen (or, if `strict`, unexpected) tensor in a one-line error."""
+    for key, shape in expected.items():
+        if key not in state:
+            raise CvaeError(f"{problem}: missing {key}")
+        if tuple(state[key].shape) != shape:
+            raise CvaeError(f"{problem}: unexpected shape for {key}: {tuple(state[key].shape)} (expected {shape})")
+    for key in state if strict else ():
+        if key not in expected:
+            raise CvaeError(f"{problem}: unexpected weight {key}")
 
 
 # --- the hub ----------------------------------------------------------------------------------
@@ -347,15 +355,7 @@ def load_model(source: str | Path, *, norm: str | None = None, device: str | tor
     with torch.device("meta"):  # no random init of weights about to be replaced
         model = CausalVAE(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for key, shape in expected.items():
-        if key not in state:
-            raise CvaeError(f"{where} does not fit its config: missing weight {key}")
-        if tuple(state[key].shape) != shape:
-            raise CvaeError(f"{where} does not fit its config: {key} has shape {tuple(state[key].shape)}, "
-                            f"expected {shape}")
-    for key in state:
-        if key not in expected:
-            raise CvaeError(f"{where} does not fit its config: unexpected weight {key}")
+    check_shapes(state, expected, f"{where} does not fit its config", strict=True)
     state = {k: v.float() for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.weights_id = _digest(cfg.to_json(), state)

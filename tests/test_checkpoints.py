@@ -120,13 +120,13 @@ def test_released_folder_round_trips_through_from_pretrained(tmp_path):
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     model = random_model()
     folder = released_folder(tmp_path / "a", model, edit=lambda sd: sd.pop("decoder.mid.attn_1.k.conv.bias"))
-    raises_one_line(rf"^{folder} does not fit its config: missing weight decoder\.mid\.attn_1\.k\.conv\.bias$",
+    raises_one_line(rf"^{folder} does not fit its config: missing decoder\.mid\.attn_1\.k\.conv\.bias$",
                     load_model, folder)
     folder = released_folder(tmp_path / "b", model, edit=lambda sd: sd.update({"encoder.extra.weight": torch.ones(1)}))
     raises_one_line(r"does not fit its config: unexpected weight encoder\.extra\.weight$", load_model, folder)
     folder = released_folder(tmp_path / "c", model, config=dict(RELEASED_CONFIG, z_channels=8))
-    raises_one_line(r"does not fit its config: encoder\.conv_out\.conv\.weight has shape \(8, 64, 3, 3, 3\), "
-                    r"expected \(16, 64, 3, 3, 3\)", load_model, folder)
+    raises_one_line(r"does not fit its config: unexpected shape for encoder\.conv_out\.conv\.weight: "
+                    r"\(8, 64, 3, 3, 3\) \(expected \(16, 64, 3, 3, 3\)\)", load_model, folder)
 
 
 def test_bad_config_is_refused_with_the_source_named(tmp_path):
