@@ -19,6 +19,14 @@ class StreamCache:
         self.state: dict[int, object] = {}
         self.final = False
 
+    def select(self, index: list[int]) -> "StreamCache":
+        """The caches of some batch rows only: when clips streamed together part ways (`encode_batch`)."""
+        out = StreamCache()
+        out.final = self.final
+        pick = lambda v: v[index] if isinstance(v, torch.Tensor) else tuple(map(pick, v)) if isinstance(v, tuple) else v
+        out.state = {k: pick(v) for k, v in self.state.items()}
+        return out
+
     def get(self, layer: nn.Module, default=None):
         return self.state.get(id(layer), default)
 
@@ -37,7 +45,7 @@ def causal_window(layer: nn.Module, x: torch.Tensor, kernel: int, stride: int, c
     x = torch.cat([past, x], dim=2)
     if cache is not None:
         windows = max(0, (x.shape[2] - kernel) // stride + 1)
-        cache.put(layer, x[:, :, windows * stride:].clone(memory_format=torch.contiguous_format))
+        cache.put(layer, x[:, :, windows * stride:].clone())
     return x
 
 
@@ -53,17 +61,33 @@ def frames_back(y: torch.Tensor, t: int) -> torch.Tensor:
     return y.reshape(bt // t, t, c, h, w).transpose(1, 2)
 
 
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                    per_frame: bool, silu: bool) -> torch.Tensor:
+    """GroupNorm (clip or frame statistics), then SiLU if asked: the plain path, and the function that
+    `accel` compiles into one kernel (statistics pass + one fused normalize-and-activate pass)."""
+    if x.ndim == 5 and per_frame:
+        y = frames_back(F.group_norm(frames_first(x), groups, weight, bias, eps), x.shape[2])
+    else:
+        y = F.group_norm(x, groups, weight, bias, eps)
+    # In place when nothing records the graph: the norm's output is ours, one activation less in memory.
+    return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
+
+
 class GroupNorm(nn.GroupNorm):
-    """32-group norm pooled over the whole clip ("clip", as trained) or per frame ("frame", as SD)."""
+    """32-group norm pooled over the whole clip ("clip", as trained) or per frame ("frame", as SD).
+
+    `forward(x, silu=True)` applies SiLU too; `fused` (set by `accel.prepare`) is a compiled
+    `group_norm_silu` that does both in one pass over memory."""
+
+    fused = None
 
     def __init__(self, channels: int, per_frame: bool):
         super().__init__(32, channels, eps=1e-6, affine=True)
         self.per_frame = per_frame
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 5 and self.per_frame:
-            return frames_back(super().forward(frames_first(x)), x.shape[2])
-        return super().forward(x)
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        fn = self.fused or group_norm_silu
+        return fn(x, self.weight, self.bias, self.num_groups, self.eps, self.per_frame, silu)
 
 
 class CausalConv3d(nn.Module):
@@ -78,7 +102,11 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(cin, cout, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        return self.conv(causal_window(self, x, self.time_kernel, self.time_stride, cache))
+        return self.conv(self.window(x, cache))
+
+    def window(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        """The conv's input with its past frames in front (call `self.conv` on it)."""
+        return causal_window(self, x, self.time_kernel, self.time_stride, cache)
 
 
 class FrameConv2d(nn.Conv2d):

@@ -90,7 +90,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h, cache)
         h = self.mid(h, cache)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)
+        return self.conv_out(self.norm_out(h, silu=True), cache)
 
 
 class Decoder(nn.Module):
@@ -129,7 +129,7 @@ class Decoder(nn.Module):
             if h.shape[2] == 0:  # streaming: every frame so far is held back for look-ahead
                 s = self.space_scale
                 return z.new_zeros(z.shape[0], self.conv_out.conv.out_channels, 0, z.shape[3] * s, z.shape[4] * s)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)
+        return self.conv_out(self.norm_out(h, silu=True), cache)
 
 
 @dataclass
