@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import queue
+import threading
 from fractions import Fraction
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +27,57 @@ from .model import CausalVAE
 from .stream import StreamOptions, decode_latents, encode_frames, padded_length, padded_size
 
 Progress = Callable[[int], None]
+PREFETCH = 2  # items a background stage may run ahead of its consumer (bounds memory)
+
+
+def background(items: Iterable, depth: int = PREFETCH) -> Iterator:
+    """Iterate `items` in a thread, up to `depth` ahead, so container decode and colour conversion,
+    the model's GPU work, and mp4 encode/latent writes overlap instead of taking turns.
+
+    The producer's exception is re-raised here, in the consumer, unchanged; a consumer that stops
+    early (or fails) stops the producer and closes its generator. depth 0 runs inline."""
+    if depth <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    break
+            else:
+                put((end, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((end, error))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="cvae-background", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 @dataclass(frozen=True)
@@ -41,12 +94,21 @@ class Selection:
     def output_fps(self, info: media.MediaInfo):
         return Fraction(self.fps).limit_denominator(1001) if self.fps else info.fps
 
+    def resize(self, info: media.MediaInfo) -> tuple[int, int] | None:
+        """The (width, height) to resize to, or None to keep the input's."""
+        if self.size is None and self.max_side:
+            return media.fit_size(info.width, info.height, self.max_side)
+        return self.size
+
+    def model_size(self, src: Path) -> tuple[int, int]:
+        """The (width, height) the model will see for this input (before padding to multiples of 8)."""
+        info = media.probe(src)
+        return self.resize(info) or (info.width, info.height)
+
     def frames(self, src: Path) -> tuple[media.MediaInfo, tuple[int, int], Iterator[np.ndarray]]:
         """The input's info, the (width, height) the model will see, and the selected frames."""
         info = media.probe(src)
-        size = self.size
-        if size is None and self.max_side:
-            size = media.fit_size(info.width, info.height, self.max_side)
+        size = self.resize(info)
         frames = media.read_frames(src, start=self.start, end=self.end, fps=self.fps, size=size,
                                    allow_partial=self.allow_partial)
         return info, size or (info.width, info.height), frames
@@ -77,8 +139,11 @@ def _posterior_latent(mean: torch.Tensor, logvar: torch.Tensor, generator: torch
 
 
 def encode_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, select: Selection = Selection(),
-                *, seed: int | None = None, save_logvar: bool = False, progress: Progress | None = None) -> Result:
-    """Encode one video or image to a latent file; `seed` samples the posterior instead of its mean."""
+                *, seed: int | None = None, save_logvar: bool = False, progress: Progress | None = None,
+                prefetch: int = PREFETCH) -> Result:
+    """Encode one video or image to a latent file; `seed` samples the posterior instead of its mean.
+
+    Three stages overlap (`prefetch` > 0): reading frames, the model, writing latents."""
     info, (width, height), frames = select.frames(src)
     fs = model.config.space_compression
     fps = select.output_fps(info)
@@ -89,7 +154,8 @@ def encode_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     counter = [0]
     with LatentWriter(dst, meta, with_logvar=save_logvar) as writer:
-        for mean, logvar in encode_frames(model, _counted(frames, progress), options, counter):
+        frames = background(_counted(frames, progress), prefetch)
+        for mean, logvar in background(encode_frames(model, frames, options, counter), prefetch):
             writer.append(_posterior_latent(mean.float(), logvar.float(), generator),
                           logvar if save_logvar else None)
         if counter[0] == 0:
@@ -132,19 +198,23 @@ def _write_frames(dst: Path, chunks: Iterable[np.ndarray], fps, limit: int, crf:
 
 
 def decode_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, *, crf: int = 18,
-                force: bool = False, progress: Progress | None = None) -> Result:
-    """Decode a latent file to mp4 (or png for a single frame), at its original size and rate."""
+                force: bool = False, progress: Progress | None = None, prefetch: int = PREFETCH) -> Result:
+    """Decode a latent file to mp4 (or png for a single frame), at its original size and rate;
+    the model runs in a background thread while this one encodes the mp4 (`prefetch` > 0)."""
     latent = LatentFile.open(src)
     meta = latent.meta
     if not force:
         check_compatible(meta, model_id(model), where=str(src))
     chunks = decode_latents(model, _latent_chunks(latent, options), options, meta.height, meta.width)
+    chunks = background(chunks, prefetch)
     return Result(dst, _write_frames(dst, chunks, meta.fps, meta.frames, crf, progress))
 
 
 def reconstruct_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, select: Selection = Selection(),
-                     *, crf: int = 18, side_by_side: bool = False, progress: Progress | None = None) -> Result:
-    """Encode and decode in one pass, scoring every output frame against its input (PSNR, SSIM)."""
+                     *, crf: int = 18, side_by_side: bool = False, progress: Progress | None = None,
+                     prefetch: int = PREFETCH) -> Result:
+    """Encode and decode in one pass, scoring every output frame against its input (PSNR, SSIM);
+    reading, the model and scoring + mp4 encode run in overlapping threads (`prefetch` > 0)."""
     info, (width, height), frames = select.frames(src)
     pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
     counter, metrics = [0], FrameMetrics()
@@ -160,8 +230,8 @@ def reconstruct_file(model: CausalVAE, src: Path, dst: Path, options: StreamOpti
         metrics.add(frames_to_tensor(inputs), frames_to_tensor(chunk))
         return np.concatenate([inputs, chunk], axis=2) if side_by_side else chunk
 
-    latents = (mean for mean, _ in encode_frames(model, remember(frames), options, counter))
-    chunks = decode_latents(model, latents, options, height, width)
+    latents = (mean for mean, _ in encode_frames(model, remember(background(frames, prefetch)), options, counter))
+    chunks = background(decode_latents(model, latents, options, height, width), prefetch)
     fps = None if info.is_image else select.output_fps(info)
     written = _write_frames(dst, chunks, fps, 2**62, crf, progress, transform=score)
     return Result(dst, written, metrics)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .accel import layout
 from .model import CausalVAE, StreamCache
 
 MODES = ("stream", "window", "whole")
@@ -122,6 +123,12 @@ class Tiler:
             weight[oy:oy + y.shape[-2], ox:ox + y.shape[-1]] += ramp
         return out / weight
 
+    def select(self, index: list[int]) -> "Tiler":
+        """A tiler carrying only some batch rows' caches (clips of a batch that go on together)."""
+        out = Tiler(self.tile, self.scale, self.streaming, self.overlap)
+        out.caches = {k: c.select(index) for k, c in self.caches.items()}
+        return out
+
     def _cache(self, key: tuple[int, int], final: bool) -> StreamCache | None:
         if not self.streaming:
             return None
@@ -164,43 +171,92 @@ def pixels_to_frames(x: torch.Tensor, height: int, width: int) -> np.ndarray:
     return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
+def lockstep(sources: list[Iterator[tuple[torch.Tensor, bool]]], tiler: Tiler,
+             step: Callable) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run several streams' chunks (each (1, C, T, h, w), is_last) stacked along the batch while their
+    chunks agree in length and lastness; yield (stream index, output (1, ...)) step by step.
+
+    Streams that part ways (a shorter or final chunk, an exhausted input) carry on with their own
+    rows of the caches, so every stream computes what it would alone: the model is per-sample."""
+    cohorts = [(list(range(len(sources))), tiler)]
+    while cohorts:
+        later = []
+        for members, tiler in cohorts:
+            items = [(k, next(sources[i], None)) for k, i in enumerate(members)]
+            keys = {k: (item[0].shape[2], item[1]) for k, item in items if item is not None}
+            for key in sorted(set(keys.values())):
+                rows = [k for k, v in keys.items() if v == key]
+                sub = tiler if len(rows) == len(members) else tiler.select(rows)
+                y = sub.run(step, torch.cat([items[k][1][0] for k in rows]), key[1])
+                for k, out in zip(rows, y.split(1)):
+                    yield members[k], out
+                if not key[1]:
+                    later.append(([members[k] for k in rows], sub))
+        cohorts = later
+
+
 @torch.inference_mode()
+def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]], options: StreamOptions,
+                 counters: Sequence[list[int]] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Encode clips of one frame size together, their chunks stacked along the batch (one model call
+    per step for all of them); yield (clip index, mean, logvar) chunks as `encode_frames` does."""
+    ft, fs = model.config.time_compression, model.config.space_compression
+    first, size, overlap = plan(options, ft, latent=False)
+    counters = counters or [None] * len(clips)
+    sources = [((frames_to_pixels(group, options, fs), last)
+                for group, last in groups(pad_frames(frames, ft, n), first, size, overlap))
+               for frames, n in zip(clips, counters)]
+
+    def step(x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+        post = model.encode(layout(x, model), cache)
+        return torch.cat([post.mean, post.logvar], dim=1)
+
+    seen = [0] * len(clips)
+    for i, moments in lockstep(sources, Tiler(options.tile, 1 / fs, options.mode == "stream"), step):
+        moments = moments[0, :, overlap:] if overlap and seen[i] else moments[0]
+        seen[i] += 1
+        yield (i, *moments.chunk(2, dim=0))
+
+
 def encode_frames(model: CausalVAE, frames: Iterable[np.ndarray], options: StreamOptions,
                   counter: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (mean, logvar) latent chunks, each (C, t, h, w), as the frames stream in.
 
     The frame count is padded to 1 + 4k by repeating the last frame; `counter[0]` receives the
     true count once the frames run out."""
-    ft, fs = model.config.time_compression, model.config.space_compression
-    first, size, overlap = plan(options, ft, latent=False)
-    tiler = Tiler(options.tile, 1 / fs, streaming=options.mode == "stream")
-
-    def step(x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        post = model.encode(x, cache)
-        return torch.cat([post.mean, post.logvar], dim=1)
-
-    for i, (group, last) in enumerate(groups(pad_frames(frames, ft, counter), first, size, overlap)):
-        moments = tiler.run(step, frames_to_pixels(group, options, fs), last)[0]
-        if overlap and i:
-            moments = moments[:, overlap:]
-        yield tuple(moments.chunk(2, dim=0))
+    for _, mean, logvar in encode_batch(model, [frames], options, [counter]):
+        yield mean, logvar
 
 
 @torch.inference_mode()
+def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], options: StreamOptions,
+                 height: int, width: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode several latent streams of one size together (chunks stacked along the batch); yield
+    (stream index, uint8 frames (t, height, width, 3)) as `decode_latents` does."""
+    ft, fs = model.config.time_compression, model.config.space_compression
+    first, size, overlap = plan(options, ft, latent=True)
+
+    def source(chunks):
+        steps = (t for chunk in chunks for t in chunk.unbind(1))
+        for group, last in groups(steps, first, size, overlap):
+            yield torch.stack(group, dim=1).unsqueeze(0).to(options.device, options.dtype), last
+
+    def step(z: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+        return model.decode(layout(z, model), cache)
+
+    seen = [0] * len(latents)
+    tiler = Tiler(options.tile and options.tile // fs, fs, streaming=options.mode == "stream")
+    for i, x in lockstep([source(c) for c in latents], tiler, step):
+        x = x[:, :, overlap:] if overlap and seen[i] else x
+        seen[i] += 1
+        if x.shape[2]:
+            yield i, pixels_to_frames(x, height, width)
+
+
 def decode_latents(model: CausalVAE, latents: Iterable[torch.Tensor], options: StreamOptions,
                    height: int, width: int) -> Iterator[np.ndarray]:
     """Yield uint8 frame chunks (t, height, width, 3) from latent chunks (C, t', h, w), as they come.
 
     The decoder looks one latent ahead, so a chunk's last frames come out with the next chunk."""
-    ft = model.config.time_compression
-    first, size, overlap = plan(options, ft, latent=True)
-    fs = model.config.space_compression
-    tiler = Tiler(options.tile and options.tile // fs, fs, streaming=options.mode == "stream")
-    steps = (t for chunk in latents for t in chunk.unbind(1))
-    for i, (group, last) in enumerate(groups(steps, first, size, overlap)):
-        z = torch.stack(group, dim=1).unsqueeze(0).to(options.device, options.dtype)
-        x = tiler.run(model.decode, z, last)
-        if overlap and i:
-            x = x[:, :, overlap:]
-        if x.shape[2]:
-            yield pixels_to_frames(x, height, width)
+    for _, frames in decode_batch(model, [latents], options, height, width):
+        yield frames
