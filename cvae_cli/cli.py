@@ -97,6 +97,10 @@ Fps = Annotated[Optional[float], typer.Option("--fps", help="Resample to this fr
 Size = Annotated[Optional[str], typer.Option("--size", help="Resize to WxH.")]
 MaxSide = Annotated[Optional[int], typer.Option("--max-side", help="Resize so the longer side is at most N.")]
 AllowPartial = Annotated[bool, typer.Option("--allow-partial", help="Keep the frames of a truncated video.")]
+Fast = Annotated[bool, typer.Option("--fast", help="Speed levers proven equal to the plain model: channels-last "
+                                                 "memory, fused GroupNorm+SiLU, cuDNN autotuning (see benchmarks/).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the encoder/decoder: minutes of warm-up, "
+                                                       "then faster; for long runs.")]
 Crf = Annotated[int, typer.Option("--crf", help="H.264 quality (0 lossless .. 51; 18 looks lossless).")]
 
 
@@ -136,12 +140,18 @@ def resolve_device(device: str, dtype: str):
     return device, names[dtype]
 
 
-def load_weights(weights: str, device: str, dtype, norm: str | None):
+def load_weights(weights: str, device: str, dtype, norm: str | None, fast: bool = False, compile: bool = False):
     from .checkpoints import load_model
 
     if Path(weights) == DEFAULT_WEIGHTS and not DEFAULT_WEIGHTS.exists():
         raise CvaeError(f"no weights at {DEFAULT_WEIGHTS}: run `cvae inflate` first, or pass --weights")
-    return load_model(weights, norm=norm, device=device, dtype=dtype)
+    model = load_model(weights, norm=norm, device=device, dtype=dtype)
+    if fast or compile:
+        from .accel import Acceleration, prepare
+
+        prepare(model, Acceleration(channels_last=fast, fused_norm=fast, compile=compile,
+                                    cudnn_benchmark=fast and device.startswith("cuda")))
+    return model
 
 
 def stream_options(mode: str, chunk: str, tile: str, device: str, dtype, size: tuple[int, int] | None = None):
@@ -329,6 +339,8 @@ def encode(
     chunk: Chunk = "auto",
     tile: Tile = "auto",
     norm: Norm = None,
+    fast: Fast = False,
+    compile: Compile = False,
     frames: Frames = None,
     fps: Fps = None,
     size: Size = None,
@@ -372,13 +384,10 @@ def encode(
                     for line in plan.lines():
                         typer.echo(line)
                 return
-            model = load_weights(weights, dev, dt, norm)
+            model = load_weights(weights, dev, dt, norm, fast, compile)
 
             def clip_options(src: Path, sel):
-                info = media.probe(src)
-                wh = sel.size or (media.fit_size(info.width, info.height, sel.max_side) if sel.max_side
-                                  else (info.width, info.height))
-                return stream_options(mode, chunk, tile, dev, dt, wh)
+                return stream_options(mode, chunk, tile, dev, dt, sel.model_size(src))
 
             # one process on a terminal: a bar per clip; else (logs, torchrun) one line per clip,
             # prefixed with the rank, written whole so processes never interleave mid-line
@@ -401,14 +410,11 @@ def encode(
         raise CvaeError("give input files, or --manifest")
     paths = expand(inputs)
     dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm)
+    model = load_weights(weights, dev, dt, norm, fast, compile)
     select = selection(frames, fps, size, max_side, allow_partial)
 
     def job(src: Path, dst: Path, advance):
-        info = media.probe(src)
-        wh = select.size or (media.fit_size(info.width, info.height, select.max_side) if select.max_side
-                             else (info.width, info.height))
-        options = stream_options(mode, chunk, tile, dev, dt, wh)
+        options = stream_options(mode, chunk, tile, dev, dt, select.model_size(src))
         return encode_file(model, src, dst, options, select, seed=seed if sample else None,
                            save_logvar=save_logvar, progress=advance)
 
@@ -428,6 +434,8 @@ def decode(
     chunk: Chunk = "auto",
     tile: Tile = "auto",
     norm: Norm = None,
+    fast: Fast = False,
+    compile: Compile = False,
     crf: Crf = 18,
     force: Annotated[bool, typer.Option("--force", help="Decode latents made by other weights anyway.")] = False,
     overwrite: Overwrite = False,
@@ -449,7 +457,7 @@ def decode(
     out = Output(quiet)
     paths = expand(inputs)
     dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm)
+    model = load_weights(weights, dev, dt, norm, fast, compile)
 
     def suffix(p: Path) -> str:
         try:
@@ -484,6 +492,8 @@ def reconstruct(
     chunk: Chunk = "auto",
     tile: Tile = "auto",
     norm: Norm = None,
+    fast: Fast = False,
+    compile: Compile = False,
     frames: Frames = None,
     fps: Fps = None,
     size: Size = None,
@@ -511,15 +521,13 @@ def reconstruct(
     out = Output(quiet)
     paths = expand(inputs)
     dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm)
+    model = load_weights(weights, dev, dt, norm, fast, compile)
     select = selection(frames, fps, size, max_side, allow_partial)
     report = {}
 
     def job(src: Path, dst: Path, advance):
-        info = media.probe(src)
-        wh = select.size or (media.fit_size(info.width, info.height, select.max_side) if select.max_side
-                             else (info.width, info.height))
-        result = reconstruct_file(model, src, dst, stream_options(mode, chunk, tile, dev, dt, wh), select,
+        options = stream_options(mode, chunk, tile, dev, dt, select.model_size(src))
+        result = reconstruct_file(model, src, dst, options, select,
                                   crf=crf, side_by_side=side_by_side, progress=advance)
         m = result.metrics
         out.info(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {len(m.psnr)} frames")
