@@ -156,3 +156,16 @@ def test_peak_memory_does_not_grow_with_length(frame_model):
     assert long <= 1.15 * short, (short, long)
     whole_short, whole_long = peak_bytes(frame_model, 50, "whole"), peak_bytes(frame_model, 200, "whole")
     assert whole_long > 3 * whole_short > 3 * long  # the measure sees growth where there is some
+
+
+def test_bfloat16_path_stays_close_to_float32(frame_model):
+    import copy
+
+    half = copy.deepcopy(frame_model).to(torch.bfloat16)
+    frames = clip(9, 24, 32)
+    mean, _, _ = encode(frame_model, frames, chunk=4)
+    bf16, _, _ = encode(half, frames, chunk=4, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and rel_err(bf16.float(), mean) < 2e-2
+    pixels = np.concatenate(list(decode_latents(half, [mean], StreamOptions(chunk=4, dtype=torch.bfloat16), 24, 32)))
+    reference = np.concatenate(list(decode_latents(frame_model, [mean], StreamOptions(chunk=4), 24, 32)))
+    assert pixels.shape == reference.shape and np.abs(pixels.astype(int) - reference).mean() < 2

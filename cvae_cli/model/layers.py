@@ -149,6 +149,13 @@ class SpatialUpsample2x(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
 
 
+def time_average(x: torch.Tensor) -> torch.Tensor:
+    """Mean of 3 frames at stride 2 (an avg_pool3d, which the CPU lacks in bf16/fp16: upcast there)."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return F.avg_pool3d(x.float(), (3, 1, 1), stride=(2, 1, 1)).to(x.dtype)
+    return F.avg_pool3d(x, (3, 1, 1), stride=(2, 1, 1))
+
+
 class TimeDownsample2x(nn.Module):
     """Average of 3 frames, stride 2, frame 0 repeated in front: T -> (T + 1) / 2. No weights."""
 
@@ -156,7 +163,7 @@ class TimeDownsample2x(nn.Module):
         super().__init__()
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        return F.avg_pool3d(causal_window(self, x, 3, 2, cache), (3, 1, 1), stride=(2, 1, 1))
+        return time_average(causal_window(self, x, 3, 2, cache))
 
 
 class TimeDownsampleRes2x(nn.Module):
@@ -170,7 +177,7 @@ class TimeDownsampleRes2x(nn.Module):
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         x = causal_window(self, x, 3, 2, cache)
         alpha = torch.sigmoid(self.mix_factor)
-        return alpha * F.avg_pool3d(x, (3, 1, 1), stride=(2, 1, 1)) + (1 - alpha) * self.conv(x)
+        return alpha * time_average(x) + (1 - alpha) * self.conv(x)
 
 
 class TimeUpsample2x(nn.Module):
