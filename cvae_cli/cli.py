@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Callable, Iterator, List, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
@@ -26,9 +25,10 @@ DEFAULT_WEIGHTS = Path(os.environ.get("CVAE_WEIGHTS", "weights/cvae-tail.safeten
 
 
 class CvaeGroup(TyperGroup):
-    """Turns `CvaeError` (and Ctrl-C) into one line on stderr and exit status 1, never a traceback."""
+    """Turns `CvaeError` (and Ctrl-C) into one line on stderr and exit status 1; anything else
+    (a bug, a driver failure) into one line and status 2, with the traceback under CVAE_DEBUG=1."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except CvaeError as e:
@@ -37,6 +37,13 @@ class CvaeGroup(TyperGroup):
         except KeyboardInterrupt:
             Output().error("interrupted: no partial output was kept")
             raise typer.Exit(130) from None
+        except Exception as e:  # a bug or an environment failure: still one line, unless debugging
+            if os.environ.get("CVAE_DEBUG") or type(e).__module__.split(".")[0] in ("click", "typer"):
+                raise  # usage errors and exits: Typer prints those itself
+            hint = " (try a smaller --chunk or --tile 512)" if "out of memory" in str(e).lower() else ""
+            Output().error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint} "
+                           f"[set CVAE_DEBUG=1 for the traceback]")
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(cls=CvaeGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

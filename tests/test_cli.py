@@ -226,3 +226,13 @@ def test_bad_weights_are_one_line_errors(tmp_path, weights):
     save_file({"x": torch.zeros(1)}, str(folder / "diffusion_pytorch_model.safetensors"))
     assert_one_line_error(cvae("encode", tmp_path / "img.png", "-w", folder), "unknown block 'AttnBlockXL'")
     assert not (tmp_path / "img.safetensors").exists()
+
+
+def test_unexpected_failures_are_one_line_too(tmp_path, weights, monkeypatch):
+    media.write_image(tmp_path / "img.png", np.zeros((16, 16, 3), np.uint8))
+    monkeypatch.setattr("cvae_cli.pipeline.encode_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
+    r = cvae("encode", tmp_path / "img.png", "-w", weights)
+    assert_one_line_error(r, "RuntimeError: boom", "CVAE_DEBUG")
+    assert r.exit_code == 2
+    r = cvae("encode", tmp_path / "img.png", "-w", weights, "--no-such-option")
+    assert r.exit_code == 2 and "No such option" in r.output
