@@ -161,17 +161,11 @@ def load_weights(weights: str, device: str, dtype, norm: str | None, fast: bool 
     return model
 
 
-def stream_options(mode: str, chunk: str, tile: str, device: str, dtype, size: tuple[int, int] | None = None):
-    from .stream import StreamOptions
+def stream_options(mode: str, chunk: str, tile: str, device: str, dtype, size: tuple[int, int]):
+    from .stream import StreamOptions, auto_cut
 
-    tile_px = None if tile in ("off", "auto") else _int(tile, "--tile")
-    if tile == "auto" and size and size[0] * size[1] > 1920 * 1088:
-        tile_px = 512
-    if chunk == "auto":
-        area = (min(tile_px, size[0]) * min(tile_px, size[1])) if (tile_px and size) else (size[0] * size[1] if size else 0)
-        chunk_frames = 16 if not area else max(4, min(16, int(4 * 1280 * 720 / area) // 4 * 4))
-    else:
-        chunk_frames = _int(chunk, "--chunk")
+    tile_px = tile if tile == "auto" else None if tile == "off" else _int(tile, "--tile")
+    chunk_frames, tile_px = auto_cut(*size, None if chunk == "auto" else _int(chunk, "--chunk"), tile_px)
     try:
         return StreamOptions(mode=mode, chunk=chunk_frames, tile=tile_px, device=device, dtype=dtype)
     except ValueError as e:

@@ -46,6 +46,22 @@ class StreamOptions:
             raise ValueError(f"tile must be a multiple of 32 pixels, at least 64, not {self.tile}")
 
 
+TILE_ABOVE = 1920 * 1088  # frames with more pixels than 1080p are tiled when tiling is left to us
+AUTO_TILE = 512
+CHUNK_PIXELS = 4 * 1280 * 720  # pixels x frames per chunk: 4 frames of 720p, 16 of 360p
+
+
+def auto_cut(width: int, height: int, chunk: int | None = None, tile: int | str | None = "auto") -> tuple[int, int | None]:
+    """(chunk frames, tile side) for a frame size where the user left them open (None / "auto"):
+    tiles only past 1080p, chunks as long as the pixel budget allows, 4 to 16 frames."""
+    if tile == "auto":
+        tile = AUTO_TILE if width * height > TILE_ABOVE else None
+    if chunk is None:
+        area = min(tile or width, width) * min(tile or height, height)
+        chunk = max(4, min(16, CHUNK_PIXELS // area // 4 * 4))
+    return chunk, tile
+
+
 def padded_length(frames: int, factor: int = 4) -> int:
     """The causal length 1 + factor*k that holds `frames` frames."""
     return 1 + factor * math.ceil(max(frames - 1, 0) / factor)

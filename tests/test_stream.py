@@ -169,3 +169,12 @@ def test_bfloat16_path_stays_close_to_float32(frame_model):
     pixels = np.concatenate(list(decode_latents(half, [mean], StreamOptions(chunk=4, dtype=torch.bfloat16), 24, 32)))
     reference = np.concatenate(list(decode_latents(frame_model, [mean], StreamOptions(chunk=4), 24, 32)))
     assert pixels.shape == reference.shape and np.abs(pixels.astype(int) - reference).mean() < 2
+
+
+def test_auto_cut_bounds_pixels_per_chunk_and_tiles_past_1080p():
+    from cvae_cli.stream import auto_cut
+
+    assert auto_cut(1280, 720) == (4, None)  # 720p: the 4-frame floor
+    assert auto_cut(640, 360) == (16, None) and auto_cut(94, 70) == (16, None)  # small: the 16-frame cap
+    assert auto_cut(3840, 2160) == (12, 512)  # 4K: 512-pixel tiles, chunk sized by the tile
+    assert auto_cut(3840, 2160, 8, None) == (8, None)  # what the user gives stays
