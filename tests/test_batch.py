@@ -57,8 +57,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def finished(folder: Path) -> list[Path]:
+    """Latent files under their final names; a writer's temporaries are dotfiles that also end in
+    .safetensors and may be whole but not yet renamed."""
+    return sorted(p for p in folder.rglob("*.safetensors") if not p.name.startswith("."))
+
+
 def outputs(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in finished(folder)}
 
 
 # --- library ----------------------------------------------------------------------------------
@@ -149,12 +155,12 @@ def test_killed_run_resumes_without_redoing_work_or_leaving_corrupt_files(tmp_pa
                             "--device", "cpu", "--chunk", "4")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while not list(out.rglob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+    while not finished(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
-    first = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.safetensors")}
+    first = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished(out)}
     assert 1 <= len(first) < 6
     for p in first:
         LatentFile.open(p)  # whatever sits under a final name is complete
