@@ -6,6 +6,7 @@ applied to the pixels, so callers never look at metadata. Videos are streamed fr
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 from collections import deque
 from dataclasses import dataclass
@@ -65,8 +66,15 @@ def is_image(path) -> bool:
 
 def probe(path) -> MediaInfo:
     """Size, rate and claimed length. Decodes the first video frame: it carries the rotation, and a
-    file whose first frame does not decode should fail here rather than mid-run."""
+    file whose first frame does not decode should fail here rather than mid-run. Remembered per
+    (path, size, mtime), since a job asks several times (progress total, batch key, the reader)."""
     p = _existing_file(path)
+    stat = p.stat()
+    return _probe(p, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _probe(p: Path, size: int, mtime_ns: int) -> MediaInfo:
     if _is_still(p):
         with _pil_errors(p), Image.open(p) as im:
             w, h = im.size
