@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 from .atomic import atomic_path
-from .errors import CvaeError
+from .errors import CvaeError, describe
 from .latents import LatentFile
 from .pipeline import Selection
 
@@ -433,12 +433,13 @@ def failure_log(out_dir: Path, rank: int) -> Path:
 
 
 def run_plan(model, plan: Plan, options, select: Selection = Selection(), *, rank: int = 0,
-             seed: int | None = None, save_logvar: bool = False, overwrite: bool = False,
+             seed: int | None = None, save_logvar: bool = False, overwrite: bool = False, batch_size: int = 1,
              note: Note | None = None, progress: ProgressFactory | None = None) -> tuple[Summary, list[dict]]:
-    """Encode this rank's share of `plan`; never raises for a bad clip. `options` is a StreamOptions
-    or a function (source path, Selection) -> StreamOptions. Returns this rank's summary and failures."""
+    """Encode this rank's share of `plan`, `batch_size` clips of one model size at a time; never
+    raises for a bad clip. `options` is a StreamOptions or a function (source path, Selection) ->
+    StreamOptions. Returns this rank's summary and failures."""
     from .checkpoints import model_id
-    from .pipeline import encode_file
+    from .pipeline import batched, encode_files, size_key
 
     note = note or (lambda message: None)
     want_id = model_id(model)
@@ -448,8 +449,9 @@ def run_plan(model, plan: Plan, options, select: Selection = Selection(), *, ran
     summary = Summary(world_size=1)
     t0 = time.perf_counter()
 
-    def fail(clip: Clip, error: str):
+    def fail(clip: Clip, error: BaseException | str):
         nonlocal log
+        error = error if isinstance(error, str) else describe(error)
         record = {**clip.record(), "error": error, "rank": rank,
                   "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         failures.append(record)
@@ -469,40 +471,46 @@ def run_plan(model, plan: Plan, options, select: Selection = Selection(), *, ran
     except OSError:
         pass
     try:
+        pending = []
         for i in plan.mine(rank):
             clip, dst = plan.clips[i], plan.output(i)
             summary.clips += 1
             clean_stale(dst)
-            if plan.complete[i] and not overwrite:
-                try:
-                    made_by = LatentFile.open(dst).meta.model_id
-                except CvaeError as e:
-                    fail(clip, str(e))
-                    continue
-                if made_by != want_id:
-                    fail(clip, f"{dst} exists but was encoded with weights {made_by}, not {want_id} "
-                               "(use --overwrite or another --out-dir)")
-                else:
-                    summary.skipped += 1
+            if not plan.complete[i] or overwrite:
+                pending.append(i)
                 continue
-            select_i = clip.selection(select)
+            try:
+                made_by = LatentFile.open(dst).meta.model_id
+            except CvaeError as e:
+                fail(clip, e)
+                continue
+            if made_by != want_id:
+                fail(clip, f"{dst} exists but was encoded with weights {made_by}, not {want_id} "
+                           "(use --overwrite or another --out-dir)")
+            else:
+                summary.skipped += 1
+        key = lambda i: size_key(plan.clips[i].path, plan.clips[i].selection(select))  # noqa: E731
+        for group in batched(pending, batch_size, key):
+            jobs = [(plan.clips[i].path, plan.output(i), plan.clips[i].selection(select)) for i in group]
+            name = jobs[0][0].name if len(jobs) == 1 else f"{len(jobs)} clips"
+            total = sum(int(plan.frames[i]) for i in group) or None
             t = time.perf_counter()
             try:
-                opts = options(clip.path, select_i) if callable(options) else options
-                with (progress(clip.path.name, int(plan.frames[i]) or None) if progress else nullcontext(None)) as advance:
-                    result = encode_file(model, clip.path, dst, opts, select_i, seed=seed,
-                                         save_logvar=save_logvar, progress=advance)
-            except CvaeError as e:
-                fail(clip, str(e))
-                continue
-            except Exception as e:  # a bad clip must not end a run of millions: record it, go on
-                fail(clip, f"{type(e).__name__}: {e}")
-                _free_cuda()
-                continue
-            summary.done += 1
-            summary.frames += result.frames
-            dt = time.perf_counter() - t
-            note(f"done {clip.path} -> {dst} ({result.frames} frames, {result.frames / dt if dt else 0:.1f} frames/s)")
+                opts = options(*jobs[0][::2]) if callable(options) else options
+                with (progress(name, total) if progress else nullcontext(None)) as advance:
+                    outcomes = encode_files(model, jobs, opts, seed=seed, save_logvar=save_logvar, progress=advance)
+            except Exception as e:  # a bad clip or batch must not end a run of millions: record it, go on
+                outcomes = [e] * len(jobs)
+                if not isinstance(e, CvaeError):
+                    _free_cuda()
+            rate = sum(o.frames for o in outcomes if not isinstance(o, BaseException)) / max(time.perf_counter() - t, 1e-9)
+            for i, (src, dst, _), outcome in zip(group, jobs, outcomes):
+                if isinstance(outcome, BaseException):
+                    fail(plan.clips[i], outcome)
+                    continue
+                summary.done += 1
+                summary.frames += outcome.frames
+                note(f"done {src} -> {dst} ({outcome.frames} frames, {rate:.1f} frames/s)")
     finally:
         if log is not None:
             log.close()
@@ -540,13 +548,14 @@ def finish(dist: Dist, out_dir: Path, summary: Summary, failures: list[dict]) ->
 
 def run_manifest(model, clips: list[Clip], out_dir: Path, options, select: Selection = Selection(), *,
                  dist: Dist | None = None, seed: int | None = None, save_logvar: bool = False,
-                 overwrite: bool = False, note: Note | None = None,
+                 overwrite: bool = False, batch_size: int = 1, note: Note | None = None,
                  progress: ProgressFactory | None = None) -> Summary:
     """Plan, encode this rank's share, gather: the whole job for one process (`dist` already started)."""
     dist = dist or Dist()
     plan = make_plan(clips, out_dir, dist, overwrite)
     summary, failures = run_plan(model, plan, options, select, rank=dist.rank, seed=seed,
-                                 save_logvar=save_logvar, overwrite=overwrite, note=note, progress=progress)
+                                 save_logvar=save_logvar, overwrite=overwrite, batch_size=batch_size, note=note,
+                                 progress=progress)
     return finish(dist, out_dir, summary, failures)
 
 

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.text import Text
 from typer.core import TyperGroup
 
-from .errors import CvaeError
+from .errors import CvaeError, describe
 
 DEFAULT_WEIGHTS = Path(os.environ.get("CVAE_WEIGHTS", "weights/cvae-tail.safetensors"))
 
@@ -41,8 +41,7 @@ class CvaeGroup(TyperGroup):
             if os.environ.get("CVAE_DEBUG") or type(e).__module__.split(".")[0] in ("click", "typer"):
                 raise  # usage errors and exits: Typer prints those itself
             hint = " (try a smaller --chunk or --tile 512)" if "out of memory" in str(e).lower() else ""
-            Output().error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint} "
-                           f"[set CVAE_DEBUG=1 for the traceback]")
+            Output().error(f"{describe(e)}{hint} [set CVAE_DEBUG=1 for the traceback]")
             raise typer.Exit(2) from None
 
 
@@ -108,6 +107,9 @@ Fast = Annotated[bool, typer.Option("--fast", help="Speed levers proven equal to
                                                  "memory, fused GroupNorm+SiLU, cuDNN autotuning (see benchmarks/).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the encoder/decoder: minutes of warm-up, "
                                                        "then faster; for long runs.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
+                                       help="Encode up to N inputs of one size together, stacked along the "
+                                            "batch: keeps a GPU busy on images and short clips.")]
 Crf = Annotated[int, typer.Option("--crf", help="H.264 quality (0 lossless .. 51; 18 looks lossless).")]
 
 
@@ -197,33 +199,58 @@ def selection(frames: str | None, fps: float | None, size: str | None, max_side:
     return Selection(start=start, end=end, fps=fps, size=wh, max_side=max_side, allow_partial=allow_partial)
 
 
-def run_each(out: Output, jobs: list[tuple[Path, Path]], overwrite: bool, verb: str,
-             job: Callable[[Path, Path, Callable[[int], None]], object], total: Callable[[Path], int | None]) -> list:
-    """Run `job` per (input, output), skipping existing outputs; report failures, exit 1 if any."""
-    results, failures = [], []
+Job = tuple[Path, Path]  # (input, output)
+
+
+def run_each(out: Output, jobs: list[Job], overwrite: bool, verb: str,
+             run: Callable[[list[Job], Callable[[int], None]], list], total: Callable[[Path], int | None],
+             batch_size: int = 1, key: Callable[[Path], object] | None = None) -> list:
+    """Run jobs, skipping existing outputs: `run(batch, advance)` does `batch_size` of them at once
+    (those with one `key`) and returns a result or an exception for each. Report every failure and
+    go on; summarise many; exit 1 if any failed."""
+    from .pipeline import batched
+
+    results, failures, pending = [], [], []
+
+    def fail(src: Path, error: BaseException):
+        message = describe(error)
+        out.error(message if len(jobs) == 1 or str(src) in message else f"{src}: {message}")
+        failures.append(src)
+
     for src, dst in jobs:
         if dst.exists() and not overwrite:
             out.info(f"[yellow]skip[/] {dst} exists (use --overwrite)")
-            continue
-        try:
-            if not src.exists():
-                raise CvaeError(f"no such file: {src}")
-            with out.progress(f"{verb} {src.name}", total(src)) as advance:
-                result = job(src, dst, advance)
-        except CvaeError as e:
-            out.error(str(e) if len(jobs) == 1 or str(src) in str(e) else f"{src}: {e}")
-            failures.append((src, str(e)))
-            continue
-        results.append(result)
-        out.info(f"[green]wrote[/] {dst} ({result.frames} frame{'s' if result.frames != 1 else ''})")
+        elif not src.exists():
+            fail(src, CvaeError(f"no such file: {src}"))
+        else:
+            pending.append((src, dst))
+    for batch in batched(pending, batch_size, key and (lambda job: key(job[0]))):
+        totals = [total(src) for src, _ in batch]
+        name = batch[0][0].name if len(batch) == 1 else f"{len(batch)} files"
+        with out.progress(f"{verb} {escape(name)}", None if None in totals else sum(totals)) as advance:
+            try:
+                outcomes = run(batch, advance)
+            except CvaeError as e:
+                outcomes = [e] * len(batch)
+        for (src, dst), outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException):
+                fail(src, outcome)
+                continue
+            results.append(outcome)
+            out.info(f"[green]wrote[/] {dst} ({outcome.frames} frame{'s' if outcome.frames != 1 else ''})")
     if len(jobs) > 1:
         out.info(f"{len(results)} done, {len(jobs) - len(results) - len(failures)} skipped, {len(failures)} failed")
     if failures:
         if len(jobs) > 1:
-            for src, message in failures:
+            for src in failures:
                 out.error(f"failed: {src}")
         raise typer.Exit(1)
     return results
+
+
+def one_at_a_time(job: Callable[[Path, Path, Callable[[int], None]], object]):
+    """A `run` for `run_each` from a job that takes one (input, output)."""
+    return lambda batch, advance: [job(*batch[0], advance)]
 
 
 def frame_total(src: Path) -> int | None:
@@ -342,6 +369,7 @@ def encode(
     norm: Norm = None,
     fast: Fast = False,
     compile: Compile = False,
+    batch_size: BatchSize = 1,
     frames: Frames = None,
     fps: Fps = None,
     size: Size = None,
@@ -360,13 +388,13 @@ def encode(
     ```
         cvae encode clip.mp4 -o clip.safetensors
         cvae encode 'videos/*.mp4' --out-dir latents/ --max-side 512 --fps 24
+        cvae encode 'images/*.jpg' --out-dir latents/ --size 512x512 --batch-size 32
         cvae encode photo.png --weights LanguageBind/Open-Sora-Plan-v1.1.0/vae
         cvae encode --manifest clips.csv --out-dir latents/ --dry-run
         torchrun --nproc_per_node 8 -m cvae_cli encode --manifest clips.csv --out-dir latents/
     ```
     """
-    from . import media
-    from .pipeline import encode_file
+    from .pipeline import encode_files, size_key
 
     out = Output(quiet)
     if manifest is not None:
@@ -396,7 +424,7 @@ def encode(
             note = (lambda m: None) if quiet else (out.info if bars else batch.line_writer(dist.rank, dist.world))
             mine, failures = batch.run_plan(model, plan, clip_options, select, rank=dist.rank,
                                             seed=seed if sample else None, save_logvar=save_logvar,
-                                            overwrite=overwrite, note=lambda m: note(escape(m) if bars else m),
+                                            overwrite=overwrite, batch_size=batch_size, note=lambda m: note(escape(m) if bars else m),
                                             progress=(lambda name, total: out.progress(f"encoding {escape(name)}", total))
                                             if bars else None)
             summary = batch.finish(dist, out_dir, mine, failures)
@@ -414,13 +442,13 @@ def encode(
     model = load_weights(weights, dev, dt, norm, fast, compile)
     select = selection(frames, fps, size, max_side, allow_partial)
 
-    def job(src: Path, dst: Path, advance):
-        options = stream_options(mode, chunk, tile, dev, dt, select.model_size(src))
-        return encode_file(model, src, dst, options, select, seed=seed if sample else None,
-                           save_logvar=save_logvar, progress=advance)
+    def run(batch: list[Job], advance):
+        options = stream_options(mode, chunk, tile, dev, dt, select.model_size(batch[0][0]))
+        return encode_files(model, [(src, dst, select) for src, dst in batch], options,
+                            seed=seed if sample else None, save_logvar=save_logvar, progress=advance)
 
     jobs = [(p, output_for(p, output, out_dir, ".safetensors", len(paths))) for p in paths]
-    run_each(out, jobs, overwrite, "encoding", job, frame_total)
+    run_each(out, jobs, overwrite, "encoding", run, frame_total, batch_size, lambda src: size_key(src, select))
 
 
 @app.command()
@@ -478,7 +506,7 @@ def decode(
             return None
 
     jobs = [(p, output_for(p, output, out_dir, suffix(p), len(paths))) for p in paths]
-    run_each(out, jobs, overwrite, "decoding", job, total)
+    run_each(out, jobs, overwrite, "decoding", one_at_a_time(job), total)
 
 
 @app.command()
@@ -540,7 +568,7 @@ def reconstruct(
 
     jobs = [(p, output_for(p, output, out_dir, suffix(p), len(paths))) for p in paths]
     try:
-        run_each(out, jobs, overwrite, "reconstructing", job, frame_total)
+        run_each(out, jobs, overwrite, "reconstructing", one_at_a_time(job), frame_total)
     finally:
         if metrics_json and report:
             with atomic_path(metrics_json) as tmp:

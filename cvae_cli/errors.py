@@ -7,3 +7,11 @@ that line and exits non-zero. Anything else escaping is a bug and keeps its trac
 
 class CvaeError(Exception):
     """A user-facing failure: bad input, missing file, unreachable hub, wrong weights."""
+
+
+def describe(error: BaseException) -> str:
+    """One line for a failure: a `CvaeError` as it reads, anything else prefixed with its type."""
+    if isinstance(error, CvaeError):
+        return str(error)
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"

@@ -13,7 +13,7 @@ import threading
 from fractions import Fraction
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .errors import CvaeError
 from .latents import LatentFile, LatentMeta, LatentWriter, check_compatible
 from .metrics import FrameMetrics, frames_to_tensor
 from .model import CausalVAE
-from .stream import StreamOptions, decode_latents, encode_frames, padded_length, padded_size
+from .stream import StreamOptions, decode_latents, encode_batch, encode_frames, padded_length, padded_size
 
 Progress = Callable[[int], None]
 PREFETCH = 2  # items a background stage may run ahead of its consumer (bounds memory)
@@ -144,25 +144,99 @@ def encode_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, 
     """Encode one video or image to a latent file; `seed` samples the posterior instead of its mean.
 
     Three stages overlap (`prefetch` > 0): reading frames, the model, writing latents."""
-    info, (width, height), frames = select.frames(src)
+    outcome, = encode_files(model, [(src, dst, select)], options, seed=seed, save_logvar=save_logvar,
+                            progress=progress, prefetch=prefetch)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def encode_files(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], options: StreamOptions, *,
+                 seed: int | None = None, save_logvar: bool = False, progress: Progress | None = None,
+                 prefetch: int = PREFETCH) -> list[Result | Exception]:
+    """Encode several (input, output, selection) jobs of one model size together: their chunks are
+    stacked along the batch, so one model call serves them all (what keeps a GPU busy on images and
+    short clips). Each output is what `encode_file` would write for it alone, up to the rounding of
+    batched kernels.
+
+    An input that fails (unreadable, truncated, an unwritable output) ends its own stream and comes
+    back as its exception, with nothing written; the others go on. A model failure raises."""
+    outcomes: list[Result | Exception | None] = [None] * len(jobs)
+    writers: dict[int, LatentWriter] = {}
+    streams, counters, generators = [], {}, {}
+
+    def guarded(k: int, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        try:
+            yield from frames
+        except Exception as e:  # this input's failure: end its stream, keep the batch going
+            outcomes[k] = e
+
+    try:
+        for k, (src, dst, select) in enumerate(jobs):
+            try:
+                info, (width, height), frames = select.frames(src)
+                writers[k] = LatentWriter(dst, _latent_meta(model, src, info, width, height, select, seed),
+                                          with_logvar=save_logvar)
+            except CvaeError as e:
+                outcomes[k] = e
+                continue
+            counters[k] = [0]
+            generators[k] = torch.Generator().manual_seed(seed) if seed is not None else None
+            streams.append(guarded(k, background(_counted(frames, progress), prefetch)))
+        order = list(writers)  # stream index -> job index
+        chunks = encode_batch(model, streams, options, [counters[k] for k in order])
+        for i, mean, logvar in background(chunks, prefetch):
+            k = order[i]
+            if outcomes[k] is None:
+                writers[k].append(_posterior_latent(mean.float(), logvar.float(), generators[k]),
+                                  logvar if save_logvar else None)
+        for k, writer in writers.items():
+            src, dst = jobs[k][:2]
+            try:
+                if outcomes[k] is None and counters[k][0] == 0:
+                    raise CvaeError(f"{src}: no frames selected")
+                if outcomes[k] is None:
+                    n = counters[k][0]
+                    writer.meta = replace(writer.meta, frames=n,
+                                          padded_frames=padded_length(n, model.config.time_compression))
+                    writer.close()
+                    outcomes[k] = Result(dst, n)
+            except CvaeError as e:
+                outcomes[k] = e
+    finally:
+        for writer in writers.values():
+            writer.abort()
+    return outcomes
+
+
+def _latent_meta(model: CausalVAE, src: Path, info: media.MediaInfo, width: int, height: int,
+                 select: Selection, seed: int | None) -> LatentMeta:
+    """What decode needs to know, before the frame count (filled in at the end)."""
     fs = model.config.space_compression
-    fps = select.output_fps(info)
-    meta = LatentMeta(model_id=model_id(model), model_config=model.config.to_json(), frames=0,
+    return LatentMeta(model_id=model_id(model), model_config=model.config.to_json(), frames=0,
                       height=height, width=width, padded_frames=0, padded_height=padded_size(height, fs),
-                      padded_width=padded_size(width, fs), fps=None if info.is_image else fps,
+                      padded_width=padded_size(width, fs), fps=None if info.is_image else select.output_fps(info),
                       source=src.name, sampled=seed is not None)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    counter = [0]
-    with LatentWriter(dst, meta, with_logvar=save_logvar) as writer:
-        frames = background(_counted(frames, progress), prefetch)
-        for mean, logvar in background(encode_frames(model, frames, options, counter), prefetch):
-            writer.append(_posterior_latent(mean.float(), logvar.float(), generator),
-                          logvar if save_logvar else None)
-        if counter[0] == 0:
-            raise CvaeError(f"{src}: no frames selected")
-        writer.meta = replace(meta, frames=counter[0],
-                              padded_frames=padded_length(counter[0], model.config.time_compression))
-    return Result(dst, counter[0])
+
+
+def batched(items: Sequence, size: int, key: Callable | None = None) -> list[list]:
+    """Cut `items` into lists of at most `size` that share `key(item)` (for `encode_files`: one model
+    size per batch), first-come order within each key; `size` 1 keeps every item alone, in order."""
+    if size <= 1 or key is None:
+        return [[item] for item in items]
+    by_key: dict = {}
+    for item in items:
+        by_key.setdefault(key(item), []).append(item)
+    return [group[i:i + size] for group in by_key.values() for i in range(0, len(group), size)]
+
+
+def size_key(src: Path, select: Selection) -> object:
+    """What inputs must share to be encoded in one batch: the model size; an input that cannot be
+    probed gets a key of its own, so it runs alone and reports its error."""
+    try:
+        return select.model_size(src)
+    except CvaeError:
+        return src
 
 
 def _latent_chunks(latent: LatentFile, options: StreamOptions) -> Iterator[torch.Tensor]:

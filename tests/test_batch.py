@@ -18,7 +18,7 @@ from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile
-from conftest import REPO, random_model
+from conftest import REPO, random_model, rel_err
 from test_cli import make_video
 
 runner = CliRunner()
@@ -147,6 +147,28 @@ def test_jsonl_manifest_per_clip_selection_dry_run_and_skip(tmp_path, weights):
     summary = json.loads((tmp_path / "z" / "summary.json").read_text())
     assert (summary["clips"], summary["done"], summary["skipped"], summary["failed"]) == (3, 0, 2, 1)
     assert not (tmp_path / "z" / batch.RUN_DIR).exists()
+
+
+def test_batched_manifest_run_equals_one_by_one(tmp_path, dataset, weights, monkeypatch):
+    from cvae_cli import pipeline
+
+    batches = []
+    real = pipeline.encode_batch
+    monkeypatch.setattr(pipeline, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
+    common = ["encode", "--manifest", dataset / "list.txt", "-w", weights, "--device", "cpu", "--chunk", "4"]
+    for folder, extra in (("one", []), ("four", ["--batch-size", "4"])):
+        r = runner.invoke(app, [str(a) for a in common + ["--out-dir", tmp_path / folder] + extra])
+        assert r.exit_code == 1
+        summary = json.loads((tmp_path / folder / "summary.json").read_text())
+        assert (summary["done"], summary["skipped"], summary["failed"], summary["frames"]) == (6, 0, 1, 42)
+        failures = [json.loads(line) for line in (tmp_path / folder / "failures.jsonl").read_text().splitlines()]
+        assert [f["path"] for f in failures] == [str(dataset / "broken.mp4")]
+    assert batches == [1] * 6 + [4, 2]  # the broken clip cannot be probed: it fails alone, before the model
+    one, four = outputs(tmp_path / "one"), outputs(tmp_path / "four")
+    assert one.keys() == four.keys() and len(one) == 6
+    for name in one:
+        a, b = LatentFile.open(tmp_path / "one" / name), LatentFile.open(tmp_path / "four" / name)
+        assert a.meta == b.meta and rel_err(b.read(), a.read()) < 1e-5
 
 
 def test_killed_run_resumes_without_redoing_work_or_leaving_corrupt_files(tmp_path, dataset, weights):

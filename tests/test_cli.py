@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cvae_cli import media
+from cvae_cli import media, pipeline
 from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.latents import LatentFile
-from conftest import random_model
+from conftest import random_model, rel_err
 
 runner = CliRunner()
 
@@ -25,8 +25,8 @@ def cvae(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def make_video(path: Path, frames: int = 13, width: int = 94, height: int = 70, fps: int = 24) -> Path:
-    rng = np.random.default_rng(0)
+def make_video(path: Path, frames: int = 13, width: int = 94, height: int = 70, fps: int = 24, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     with av.open(str(path), "w", options={"movflags": "faststart"}) as container:  # index first
         stream = container.add_stream("libx264", rate=fps)
@@ -86,6 +86,32 @@ def test_many_inputs_go_on_after_a_failure_and_summarize(tmp_path, weights):
     assert "2 done, 0 skipped, 1 failed" in r.output and "b.mp4" in r.output
     r = cvae("encode", tmp_path / "a.mp4", tmp_path / "c.mp4", "--out-dir", tmp_path / "z", "-w", weights)
     assert r.exit_code == 0 and "0 done, 2 skipped" in r.output
+
+
+def test_batched_encode_equals_one_by_one_and_isolates_a_broken_input(tmp_path, weights, monkeypatch):
+    batches = []
+    real = pipeline.encode_batch
+    monkeypatch.setattr(pipeline, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
+    for i, n in enumerate((5, 13, 9)):
+        make_video(tmp_path / f"v{i}.mp4", frames=n, seed=i)
+    make_video(tmp_path / "small.mp4", frames=5, width=64, height=48)  # another size: a batch of its own
+    media.write_image(tmp_path / "still.png", np.full((70, 94, 3), 90, np.uint8))  # an image joins videos
+    cut = make_video(tmp_path / "cut.mp4", frames=40, seed=4)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 6 // 10])
+    args = [tmp_path / "*.mp4", tmp_path / "still.png", "-w", weights, "--chunk", "4"]
+    one = cvae("encode", *args, "--out-dir", tmp_path / "one")
+    many = cvae("encode", *args, "--out-dir", tmp_path / "many", "--batch-size", "5")
+    assert batches == [1] * 6 + [5, 1]  # cut, v0..v2 and still.png at 94x70 together; small.mp4 alone
+    for r in (one, many):
+        assert r.exit_code == 1 and "5 done, 0 skipped, 1 failed" in r.output, r.output
+        assert "cut.mp4" in r.output and "corrupt or truncated" in r.output
+    names = ["small.safetensors", "still.safetensors", "v0.safetensors", "v1.safetensors", "v2.safetensors"]
+    for folder in ("one", "many"):
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == names  # nothing of cut.mp4
+    for name in names:
+        a, b = LatentFile.open(tmp_path / "one" / name), LatentFile.open(tmp_path / "many" / name)
+        assert a.meta == b.meta
+        assert rel_err(b.read(), a.read()) < 1e-5
 
 
 def assert_one_line_error(r, *fragments: str):
@@ -230,7 +256,7 @@ def test_bad_weights_are_one_line_errors(tmp_path, weights):
 
 def test_unexpected_failures_are_one_line_too(tmp_path, weights, monkeypatch):
     media.write_image(tmp_path / "img.png", np.zeros((16, 16, 3), np.uint8))
-    monkeypatch.setattr("cvae_cli.pipeline.encode_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
+    monkeypatch.setattr("cvae_cli.pipeline.encode_files", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
     r = cvae("encode", tmp_path / "img.png", "-w", weights)
     assert_one_line_error(r, "RuntimeError: boom", "CVAE_DEBUG")
     assert r.exit_code == 2
