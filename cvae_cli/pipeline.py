@@ -191,16 +191,16 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]],
                 writers[k].append(_posterior_latent(mean.float(), logvar.float(), generators[k]),
                                   logvar if save_logvar else None)
         for k, writer in writers.items():
-            src, dst = jobs[k][:2]
+            if outcomes[k] is not None:
+                continue
+            (src, dst, _), n = jobs[k], counters[k][0]
             try:
-                if outcomes[k] is None and counters[k][0] == 0:
+                if n == 0:
                     raise CvaeError(f"{src}: no frames selected")
-                if outcomes[k] is None:
-                    n = counters[k][0]
-                    writer.meta = replace(writer.meta, frames=n,
-                                          padded_frames=padded_length(n, model.config.time_compression))
-                    writer.close()
-                    outcomes[k] = Result(dst, n)
+                writer.meta = replace(writer.meta, frames=n,
+                                      padded_frames=padded_length(n, model.config.time_compression))
+                writer.close()
+                outcomes[k] = Result(dst, n)
             except CvaeError as e:
                 outcomes[k] = e
     finally:

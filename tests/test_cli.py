@@ -234,6 +234,7 @@ def test_selection_sampling_and_logvar(tmp_path, weights):
     (["--size", "big"], "expected WxH"),
     (["--chunk", "6"], "multiple of 4"),
     (["--dtype", "int8"], "use auto"),
+    (["--frames", "50:"], "no frames selected"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, weights, args, message):
     make_video(tmp_path / "v.mp4", frames=5)
@@ -262,3 +263,5 @@ def test_unexpected_failures_are_one_line_too(tmp_path, weights, monkeypatch):
     assert r.exit_code == 2
     r = cvae("encode", tmp_path / "img.png", "-w", weights, "--no-such-option")
     assert r.exit_code == 2 and "No such option" in r.output
+    r = cvae("encode", tmp_path / "img.png", "-w", weights, "--batch-size", "0")
+    assert r.exit_code == 2 and "--batch-size" in r.output and "greater than" in r.output
