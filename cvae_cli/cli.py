@@ -336,7 +336,9 @@ def info(files: Inputs):
             meta = latent.meta
             console.print(f"[bold]{path}[/]: latents {tuple(latent.shape)} ({'with' if latent.has_logvar else 'no'} logvar)")
             for k, v in vars(meta).items():
-                if k != "model_config":
+                if k == "frame_times" and v is not None:
+                    console.print(f"  {k}: {len(v)} times over {float(v[-1]):.3f} s (variable frame rate)")
+                elif k not in ("model_config", "frame_times"):
                     console.print(f"  {k}: {v}")
             continue
         info = weights_info(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import struct
 import sys
@@ -47,6 +48,20 @@ def _parse_fps(s: str) -> Fraction | None:
     return None if s == "" else Fraction(s)
 
 
+def _format_times(times) -> str:
+    """Times as integer ticks of one exact unit: `1/90000:0,3003,6006`."""
+    unit = math.lcm(*(Fraction(t).denominator for t in times))
+    return f"1/{unit}:" + ",".join(str(int(Fraction(t) * unit)) for t in times)
+
+
+def _parse_times(s: str) -> tuple[Fraction, ...]:
+    unit, sep, ticks = s.partition(":")
+    if not sep or not unit.startswith("1/"):
+        raise ValueError(s)
+    unit = Fraction(unit)
+    return tuple(int(t) * unit for t in ticks.split(",")) if ticks else ()
+
+
 def _parse_bool(s: str) -> bool:
     if s not in ("true", "false"):
         raise ValueError(s)
@@ -77,10 +92,15 @@ class LatentMeta:
     scaling_factor: float = DEFAULT_SCALING_FACTOR
     sampled: bool = False  # posterior sample (True) or mean (False)
     format_version: int = FORMAT_VERSION
+    # a variable frame rate's presentation times, seconds from the first frame (None: 1/fps apart);
+    # optional in files, since a constant rate needs none
+    frame_times: tuple[Fraction, ...] | None = None
 
     _PARSERS = {"frames": int, "height": int, "width": int, "padded_frames": int,
                 "padded_height": int, "padded_width": int, "format_version": int,
-                "fps": _parse_fps, "scaling_factor": float, "sampled": _parse_bool, "dtype": _parse_dtype}
+                "fps": _parse_fps, "scaling_factor": float, "sampled": _parse_bool, "dtype": _parse_dtype,
+                "frame_times": _parse_times}
+    _OPTIONAL = {"frame_times"}
 
     def to_metadata(self) -> dict[str, str]:
         out = {}
@@ -88,6 +108,10 @@ class LatentMeta:
             v = getattr(self, f.name)
             if f.name == "fps":
                 s = _format_fps(v)
+            elif f.name == "frame_times":
+                if v is None:
+                    continue
+                s = _format_times(v)
             elif isinstance(v, bool):
                 s = "true" if v else "false"
             elif isinstance(v, float):
@@ -109,6 +133,8 @@ class LatentMeta:
         values = {}
         for f in dataclasses.fields(cls):
             key = _PREFIX + f.name
+            if key not in md and f.name in cls._OPTIONAL:
+                continue
             if key not in md:
                 raise CvaeError(f"{where} is not a cvae latent file (metadata {key} is missing)")
             try:

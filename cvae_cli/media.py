@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import math
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import av
 import numpy as np
@@ -45,6 +46,7 @@ class MediaInfo:
     frame_count: int | None
     is_image: bool
     rotation: int = 0  # degrees counter-clockwise applied to the stored pixels (0, 90, 180, 270)
+    time_base: Fraction | None = None  # the unit of the video's timestamps; None for stills
 
 
 def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -93,13 +95,17 @@ def _probe(p: Path, size: int, mtime_ns: int) -> MediaInfo:
         if rotation in (90, 270):
             w, h = h, w
         fps = stream.average_rate or stream.guessed_rate or None
-        return MediaInfo(str(p), w, h, Fraction(fps) if fps else None, stream.frames or None, False, rotation)
+        return MediaInfo(str(p), w, h, Fraction(fps) if fps else None, stream.frames or None, False, rotation,
+                         Fraction(stream.time_base) if stream.time_base else None)
 
 
 def read_frames(path, *, start: int = 0, end: int | None = None, fps=None,
-                size: tuple[int, int] | None = None, allow_partial: bool = False) -> Iterator[np.ndarray]:
+                size: tuple[int, int] | None = None, allow_partial: bool = False,
+                times: list | None = None) -> Iterator[np.ndarray]:
     """Yield upright RGB frames [start, end) (indices after resampling to `fps` when given),
-    resized to `size` = (W, H) when given. A still image yields one frame (index 0).
+    resized to `size` = (W, H) when given. A still image yields one frame (index 0). A list passed
+    as `times` receives each yielded frame's presentation time, in seconds from the first one
+    (a variable frame rate's real times; k/fps after resampling).
 
     Corruption rule: a video is corrupt when the demuxer or decoder raises, or when fewer packets
     could be read than the container's own index lists (a file cut short). The header frame count
@@ -112,24 +118,30 @@ def read_frames(path, *, start: int = 0, end: int | None = None, fps=None,
     if start < 0 or (end is not None and end < 0) or (fps is not None and fps <= 0):
         raise ValueError(f"bad selection: start={start} end={end} fps={fps}")
     if _is_still(p):
-        return iter([_resize(_load_image(p), size)] if start == 0 and (end is None or end > 0) else [])
-    return _video_frames(p, start, end, fps, size, allow_partial)
+        selected = start == 0 and (end is None or end > 0)
+        if selected and times is not None:
+            times.append(Fraction(0))
+        return iter([_resize(_load_image(p), size)] if selected else [])
+    return _video_frames(p, start, end, fps, size, allow_partial, times)
 
 
-def _video_frames(p: Path, start, end, fps, size, allow_partial) -> Iterator[np.ndarray]:
+def _video_frames(p: Path, start, end, fps, size, allow_partial, times: list | None) -> Iterator[np.ndarray]:
     if end is not None and end <= start:
         return
     with _open_video(p) as (container, stream):
-        frames = _decode(p, container, stream, allow_partial)
+        timed = _timed(_decode(p, container, stream, allow_partial), stream)
         if fps is not None:
-            frames = _resample(_timed(frames, stream), fps, stream)
+            timed = ((frame, k / fps) for k, frame in enumerate(_resample(timed, fps, stream)))
         crop = False  # unknown until the first frame
-        last_frame = last_array = None
-        for i, frame in enumerate(frames):
+        last_frame = last_array = origin = None
+        for i, (frame, t) in enumerate(timed):
             if end is not None and i >= end:
                 return
             if i < start:
                 continue
+            if times is not None:
+                origin = t if origin is None else origin
+                times.append(t - origin)
             if frame is last_frame:  # a repeat from resampling: same pixels, own buffer
                 yield last_array.copy()
                 continue
@@ -138,6 +150,11 @@ def _video_frames(p: Path, start, end, fps, size, allow_partial) -> Iterator[np.
             array = _to_rgb(frame, crop, size)
             last_frame, last_array = frame, array
             yield array
+
+
+def is_constant_rate(times: Sequence[Fraction], fps: Fraction, tolerance: Fraction) -> bool:
+    """Whether frame times sit on the grid k/fps, each within `tolerance` (a timestamp tick)."""
+    return all(abs(t - k / fps) <= tolerance for k, t in enumerate(times))
 
 
 class VideoWriter:
@@ -151,13 +168,21 @@ class VideoWriter:
     stream is tagged so, which is what players assume for HD and what `read_frames` honours.
     """
 
-    def __init__(self, path, fps, width: int, height: int, crf: int = 18, preset: str = "medium"):
+    def __init__(self, path, fps, width: int, height: int, crf: int = 18, preset: str = "medium",
+                 times: Sequence[Fraction] | None = None, time_base: Fraction | None = None):
         self.path = Path(path)
         self.fps = _fraction(fps)
         self.width, self.height = int(width), int(height)
         self.coded_width, self.coded_height = self.width + self.width % 2, self.height + self.height % 2
         self.crf, self.preset = crf, preset
+        # a variable frame rate: frame k is shown at times[k] seconds, in ticks of time_base (the
+        # list may still be growing while frames are written); past its end, 1/fps apart
+        self.times = times
+        if times is not None and not time_base:  # the coarsest tick that states every time exactly
+            time_base = Fraction(1, math.lcm(*(Fraction(t).denominator for t in times)) if times else 1)
+        self.time_base = Fraction(time_base) if times is not None else 1 / self.fps
         self.frames_written = 0
+        self._last_pts = -1
         self._stack = contextlib.ExitStack()
         self._container = self._stream = None
 
@@ -175,6 +200,8 @@ class VideoWriter:
                     self._container.metadata[_SIZE_TAG] = f"{self.width}x{self.height}"
                 s = self._container.add_stream("libx264", rate=self.fps)
                 s.width, s.height, s.pix_fmt = self.coded_width, self.coded_height, "yuv420p"
+                if self.times is not None:
+                    s.codec_context.time_base = s.time_base = self.time_base
                 cc = s.codec_context
                 cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709
                 cc.color_range = 1  # limited ("tv")
@@ -192,11 +219,20 @@ class VideoWriter:
             frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         vf = vf.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range=1)
-        vf.pts, vf.time_base = self.frames_written, 1 / self.fps
+        vf.pts, vf.time_base = self._next_pts(), self.time_base
         with self._av_errors():
             for packet in self._stream.encode(vf):
                 self._container.mux(packet)
         self.frames_written += 1
+
+    def _next_pts(self) -> int:
+        k, times = self.frames_written, self.times
+        if times is not None and k < len(times):
+            t = times[k]
+        else:
+            t = (times[-1] + (k - len(times) + 1) / self.fps) if times else k / self.fps
+        self._last_pts = max(round(t / self.time_base), self._last_pts + 1)  # H.264 needs increasing
+        return self._last_pts
 
     def __exit__(self, exc_type, exc, tb):
         # The stack closes the container, then renames the temp file (or removes it on error).

@@ -105,13 +105,22 @@ class Selection:
         info = media.probe(src)
         return self.resize(info) or (info.width, info.height)
 
-    def frames(self, src: Path) -> tuple[media.MediaInfo, tuple[int, int], Iterator[np.ndarray]]:
-        """The input's info, the (width, height) the model will see, and the selected frames."""
+    def frames(self, src: Path, times: list | None = None) -> tuple[media.MediaInfo, tuple[int, int], Iterator[np.ndarray]]:
+        """The input's info, the (width, height) the model will see, and the selected frames (their
+        times, seconds from the first, appended to `times` when given)."""
         info = media.probe(src)
         size = self.resize(info)
         frames = media.read_frames(src, start=self.start, end=self.end, fps=self.fps, size=size,
-                                   allow_partial=self.allow_partial)
+                                   allow_partial=self.allow_partial, times=times)
         return info, size or (info.width, info.height), frames
+
+    def variable_times(self, info: media.MediaInfo, times: list) -> tuple | None:
+        """The frame times worth keeping: a video's own, when they are off the 1/fps grid by more
+        than a tick of its clock (a variable frame rate); None otherwise."""
+        if info.is_image or self.fps or not info.fps:
+            return None
+        constant = media.is_constant_rate(times, info.fps, info.time_base or Fraction(0))
+        return None if constant else tuple(times)
 
 
 @dataclass
@@ -163,7 +172,7 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]],
     back as its exception, with nothing written; the others go on. A model failure raises."""
     outcomes: list[Result | Exception | None] = [None] * len(jobs)
     writers: dict[int, LatentWriter] = {}
-    streams, counters, generators = [], {}, {}
+    streams, counters, generators, infos, times = [], {}, {}, {}, {}
 
     def guarded(k: int, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         try:
@@ -173,8 +182,10 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]],
 
     try:
         for k, (src, dst, select) in enumerate(jobs):
+            times[k] = []
             try:
-                info, (width, height), frames = select.frames(src)
+                infos[k], (width, height), frames = select.frames(src, times[k])
+                info = infos[k]
                 writers[k] = LatentWriter(dst, _latent_meta(model, src, info, width, height, select, seed),
                                           with_logvar=save_logvar)
             except CvaeError as e:
@@ -193,12 +204,13 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]],
         for k, writer in writers.items():
             if outcomes[k] is not None:
                 continue
-            (src, dst, _), n = jobs[k], counters[k][0]
+            (src, dst, select), n = jobs[k], counters[k][0]
             try:
                 if n == 0:
                     raise CvaeError(f"{src}: no frames selected")
                 writer.meta = replace(writer.meta, frames=n,
-                                      padded_frames=padded_length(n, model.config.time_compression))
+                                      padded_frames=padded_length(n, model.config.time_compression),
+                                      frame_times=select.variable_times(infos[k], times[k]))
                 writer.close()
                 outcomes[k] = Result(dst, n)
             except CvaeError as e:
@@ -244,8 +256,10 @@ def _latent_chunks(latent: LatentFile, options: StreamOptions) -> Iterator[torch
 
 
 def _write_frames(dst: Path, chunks: Iterable[np.ndarray], fps, limit: int, crf: int, progress: Progress | None,
-                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> int:
-    """Write frame chunks to a video (or the first frame to an image); stop after `limit` frames."""
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                  times: Sequence | None = None, time_base: Fraction | None = None) -> int:
+    """Write frame chunks to a video (or the first frame to an image); stop after `limit` frames.
+    `times` (seconds, in ticks of `time_base`) keep a variable frame rate."""
     transform = transform or (lambda chunk: chunk)
     if fps is None or media.is_image(dst):
         if dst.suffix.lower() not in media.IMAGE_SUFFIXES:
@@ -260,7 +274,8 @@ def _write_frames(dst: Path, chunks: Iterable[np.ndarray], fps, limit: int, crf:
         for chunk in chunks:
             chunk = transform(chunk[: limit - written])
             if writer is None:
-                writer = stack.enter_context(media.VideoWriter(dst, fps, chunk.shape[2], chunk.shape[1], crf=crf))
+                writer = stack.enter_context(media.VideoWriter(dst, fps, chunk.shape[2], chunk.shape[1], crf=crf,
+                                                               times=times, time_base=time_base))
             for frame in chunk:
                 writer.write(frame)
             written += len(chunk)
@@ -281,7 +296,7 @@ def decode_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, 
         check_compatible(meta, model_id(model), where=str(src))
     chunks = decode_latents(model, _latent_chunks(latent, options), options, meta.height, meta.width)
     chunks = background(chunks, prefetch)
-    return Result(dst, _write_frames(dst, chunks, meta.fps, meta.frames, crf, progress))
+    return Result(dst, _write_frames(dst, chunks, meta.fps, meta.frames, crf, progress, times=meta.frame_times))
 
 
 def reconstruct_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, select: Selection = Selection(),
@@ -289,7 +304,8 @@ def reconstruct_file(model: CausalVAE, src: Path, dst: Path, options: StreamOpti
                      prefetch: int = PREFETCH) -> Result:
     """Encode and decode in one pass, scoring every output frame against its input (PSNR, SSIM);
     reading, the model and scoring + mp4 encode run in overlapping threads (`prefetch` > 0)."""
-    info, (width, height), frames = select.frames(src)
+    times: list = []  # the input's frame times, kept for the output (filled ahead of the writer)
+    info, (width, height), frames = select.frames(src, times)
     pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
     counter, metrics = [0], FrameMetrics()
 
@@ -307,6 +323,8 @@ def reconstruct_file(model: CausalVAE, src: Path, dst: Path, options: StreamOpti
     latents = (mean for mean, _ in encode_frames(model, remember(background(frames, prefetch)), options, counter))
     chunks = background(decode_latents(model, latents, options, height, width), prefetch)
     fps = None if info.is_image else select.output_fps(info)
-    written = _write_frames(dst, chunks, fps, 2**62, crf, progress, transform=score)
+    keep_times = not (info.is_image or select.fps)
+    written = _write_frames(dst, chunks, fps, 2**62, crf, progress, transform=score,
+                            times=times if keep_times else None, time_base=info.time_base)
     return Result(dst, written, metrics)
 

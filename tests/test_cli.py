@@ -62,6 +62,51 @@ def test_video_round_trips_with_frame_count_fps_and_odd_size(tmp_path, weights):
     assert len(list(media.read_frames(tmp_path / "out.mp4"))) == 13
 
 
+VFR_TIMES = [Fraction(n, 60) for n in (0, 2, 4, 10, 12, 26, 28, 29, 31)]  # seconds: 30 fps with gaps
+
+
+def make_vfr_video(path: Path, times=VFR_TIMES, width: int = 64, height: int = 48) -> Path:
+    tb = Fraction(1, 90000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = tb
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(t / tb), tb
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def frame_times(path: Path) -> list[Fraction]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        times = sorted(frame.pts * stream.time_base for frame in container.decode(stream))
+    return [t - times[0] for t in times]
+
+
+def test_variable_frame_rate_keeps_its_timestamps(tmp_path, weights):
+    video = make_vfr_video(tmp_path / "vfr.mp4")
+    assert frame_times(video) == VFR_TIMES
+    assert cvae("encode", video, "-w", weights).exit_code == 0
+    meta = LatentFile.open(tmp_path / "vfr.safetensors").meta
+    assert meta.frame_times == tuple(VFR_TIMES) and meta.frames == 9
+    r = cvae("info", tmp_path / "vfr.safetensors")
+    assert "frame_times: 9 times over 0.517 s (variable frame rate)" in r.output
+    assert cvae("decode", tmp_path / "vfr.safetensors", "-o", tmp_path / "out.mp4", "-w", weights).exit_code == 0
+    assert frame_times(tmp_path / "out.mp4") == VFR_TIMES
+    assert cvae("reconstruct", video, "-w", weights).exit_code == 0
+    assert frame_times(tmp_path / "vfr.recon.mp4") == VFR_TIMES
+    assert cvae("encode", video, "-o", tmp_path / "part.safetensors", "-w", weights, "--frames", "3:7").exit_code == 0
+    assert LatentFile.open(tmp_path / "part.safetensors").meta.frame_times == tuple(t - VFR_TIMES[3] for t in VFR_TIMES[3:7])
+    # resampled to a constant rate, or a constant rate to begin with: no times are stored
+    assert cvae("encode", video, "-o", tmp_path / "cfr.safetensors", "-w", weights, "--fps", "30").exit_code == 0
+    assert LatentFile.open(tmp_path / "cfr.safetensors").meta.frame_times is None
+    assert cvae("encode", make_video(tmp_path / "c.mp4", frames=5), "-w", weights).exit_code == 0
+    assert LatentFile.open(tmp_path / "c.safetensors").meta.frame_times is None
+
+
 def test_image_round_trips_to_png_and_reconstruct_reports_metrics(tmp_path, weights):
     media.write_image(tmp_path / "img.png", np.random.default_rng(1).integers(0, 256, (37, 45, 3), dtype=np.uint8))
     assert cvae("encode", tmp_path / "img.png", "-w", weights).exit_code == 0

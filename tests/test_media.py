@@ -85,7 +85,7 @@ def test_media_does_not_import_torch():
 
 def test_probe_video(clips):
     info = probe(clips.a_mp4)
-    assert info == MediaInfo(str(clips.a_mp4), 64, 48, Fraction(24), 33, False, 0)
+    assert info == MediaInfo(str(clips.a_mp4), 64, 48, Fraction(24), 33, False, 0, Fraction(1, 12288))
     info = probe(clips.b_mp4)
     assert (info.width, info.height, info.fps, info.frame_count) == (94, 70, Fraction(30000, 1001), 33)
     assert isinstance(info.fps, Fraction) and not info.is_image
@@ -149,6 +149,13 @@ def test_fps_uses_timestamps_not_nominal_rate(tmp_path):
     assert len(out) == len(expect)
     for got, k in zip(out, expect):
         np.testing.assert_array_equal(got, frames[k])
+    times = []
+    assert len(list(read_frames(path, start=1, times=times))) == 5
+    assert times == [Fraction(t - 100, 1000) for t in times_ms[1:]]  # from the first frame read
+    assert not media.is_constant_rate(times, Fraction(10), Fraction(1, 1000))
+    times = []
+    assert len(list(read_frames(path, fps=10, end=4, times=times))) == 4
+    assert times == [Fraction(k, 10) for k in range(4)] and media.is_constant_rate(times, Fraction(10), Fraction(0))
 
 
 def test_timed_reorders_packet_stamped_times():
