@@ -489,14 +489,17 @@ def run_plan(model, plan: Plan, options, select: Selection = Selection(), *, ran
                            "(use --overwrite or another --out-dir)")
             else:
                 summary.skipped += 1
-        key = lambda i: size_key(plan.clips[i].path, plan.clips[i].selection(select))  # noqa: E731
-        for group in batched(pending, batch_size, key):
-            jobs = [(plan.clips[i].path, plan.output(i), plan.clips[i].selection(select)) for i in group]
-            name = jobs[0][0].name if len(jobs) == 1 else f"{len(jobs)} clips"
+        def job(i: int) -> tuple[Path, Path, Selection]:
+            return plan.clips[i].path, plan.output(i), plan.clips[i].selection(select)
+
+        for group in batched(pending, batch_size, key=lambda i: size_key(job(i)[0], job(i)[2])):
+            jobs = [job(i) for i in group]
+            src, _, first = jobs[0]
+            name = src.name if len(jobs) == 1 else f"{len(jobs)} clips"
             total = sum(int(plan.frames[i]) for i in group) or None
             t = time.perf_counter()
             try:
-                opts = options(*jobs[0][::2]) if callable(options) else options
+                opts = options(src, first) if callable(options) else options
                 with (progress(name, total) if progress else nullcontext(None)) as advance:
                     outcomes = encode_files(model, jobs, opts, seed=seed, save_logvar=save_logvar, progress=advance)
             except Exception as e:  # a bad clip or batch must not end a run of millions: record it, go on
