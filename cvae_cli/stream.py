@@ -255,13 +255,19 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
     def source(chunks):
         steps = (t for chunk in chunks for t in chunk.unbind(1))
         for group, last in groups(steps, first, size, overlap):
-            yield torch.stack(group, dim=1).unsqueeze(0).to(options.device, options.dtype), last
+            z = torch.stack(group, dim=1).unsqueeze(0).to(options.device, options.dtype)
+            if last and streaming:  # the last chunk as any other, then an empty one that flushes
+                yield z, False      # what the decoder held back: two steps of the usual size,
+                yield z[:, :, :0], True  # not one twice as large (the peak of a streamed decode)
+            else:
+                yield z, last
 
     def step(z: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
         return model.decode(layout(z, model), cache)
 
     seen = [0] * len(latents)
-    tiler = Tiler(options.tile and options.tile // fs, fs, streaming=options.mode == "stream")
+    streaming = options.mode == "stream"
+    tiler = Tiler(options.tile and options.tile // fs, fs, streaming=streaming)
     for i, x in lockstep([source(c) for c in latents], tiler, step):
         x = x[:, :, overlap:] if overlap and seen[i] else x
         seen[i] += 1

@@ -1,14 +1,11 @@
 """Chunked inference against whole-clip inference, tiling, and memory that ignores video length."""
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from benchmarks.memory import LiveTensorBytes
 from cvae_cli.model import StreamCache
 from cvae_cli.stream import StreamOptions, decode_latents, encode_frames, groups, padded_length
 from conftest import random_model, rel_err
@@ -113,36 +110,6 @@ def test_tiled_decode_streams_like_whole_and_covers_the_frame(frame_model):
     assert not np.array_equal(tiled, plain)
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage alive at once, counted exactly: every op's outputs are tracked
-    until the last tensor viewing their storage is garbage."""
-
-    def __init__(self):
-        super().__init__()
-        self.refs: dict[int, int] = {}
-        self.sizes: dict[int, int] = {}
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                key = t.untyped_storage().data_ptr()
-                if key not in self.refs:
-                    self.refs[key], self.sizes[key] = 0, t.untyped_storage().nbytes()
-                    self.live += self.sizes[key]
-                    self.peak = max(self.peak, self.live)
-                self.refs[key] += 1
-                weakref.finalize(t, self._drop, key)
-        return out
-
-    def _drop(self, key: int) -> None:
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            self.live -= self.sizes.pop(key)
-            del self.refs[key]
-
-
 def peak_bytes(model, frames: int, mode: str) -> int:
     frame = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     with LiveTensorBytes() as counter:
@@ -156,6 +123,22 @@ def test_peak_memory_does_not_grow_with_length(frame_model):
     assert long <= 1.15 * short, (short, long)
     whole_short, whole_long = peak_bytes(frame_model, 50, "whole"), peak_bytes(frame_model, 200, "whole")
     assert whole_long > 3 * whole_short > 3 * long  # the measure sees growth where there is some
+
+
+def decode_peak(model, latents: int, chunk: int = 4) -> int:
+    z = torch.randn(4, latents, 4, 6, generator=torch.Generator().manual_seed(0))
+    with LiveTensorBytes() as counter:
+        for _ in decode_latents(model, [z], StreamOptions(chunk=chunk), 32, 48):
+            pass
+    return counter.peak
+
+
+def test_decode_flush_is_no_larger_than_a_steady_step(frame_model):
+    # the last latent goes through as any other, then an empty step releases the held-back frames;
+    # decoding both at once would make the last step as large as a two-latent (8-frame) chunk's
+    one = decode_peak(frame_model, 50)
+    assert decode_peak(frame_model, 200) <= 1.05 * one and decode_peak(frame_model, 3) <= 1.05 * one
+    assert one < 0.9 * decode_peak(frame_model, 50, chunk=8)
 
 
 def test_bfloat16_path_stays_close_to_float32(frame_model):

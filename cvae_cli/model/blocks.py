@@ -45,12 +45,12 @@ class ResnetBlock2D(nn.Module):
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        t, x = x.shape[2], frames_first(x)
+        b, x = x.shape[0], frames_first(x)
         h = self.conv1(self.norm1(x, silu=True))
         h = self.conv2(self.dropout(self.norm2(h, silu=True)))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return frames_back(h.add_(x) if not torch.is_grad_enabled() else x + h, t)
+        return frames_back(h.add_(x) if not torch.is_grad_enabled() else x + h, b)
 
 
 class AttnBlock3DFix(nn.Module):

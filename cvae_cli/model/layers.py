@@ -41,6 +41,8 @@ def causal_window(layer: nn.Module, x: torch.Tensor, kernel: int, stride: int, c
         return x
     past = cache.get(layer) if cache is not None else None
     if past is None:
+        if x.shape[2] == 0:
+            return x
         past = x[:, :, :1].expand(-1, -1, kernel - 1, -1, -1)
     x = torch.cat([past, x], dim=2)
     if cache is not None:
@@ -55,10 +57,10 @@ def frames_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b * t, c, h, w)
 
 
-def frames_back(y: torch.Tensor, t: int) -> torch.Tensor:
-    """Inverse of `frames_first`."""
+def frames_back(y: torch.Tensor, b: int) -> torch.Tensor:
+    """Inverse of `frames_first`, given the batch size (the frame count may be 0)."""
     bt, c, h, w = y.shape
-    return y.reshape(bt // t, t, c, h, w).transpose(1, 2)
+    return y.reshape(b, bt // b, c, h, w).transpose(1, 2)
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
@@ -66,7 +68,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
     """GroupNorm (clip or frame statistics), then SiLU if asked: the plain path, and the function that
     `accel` compiles into one kernel (statistics pass + one fused normalize-and-activate pass)."""
     if x.ndim == 5 and per_frame:
-        y = frames_back(F.group_norm(frames_first(x), groups, weight, bias, eps), x.shape[2])
+        y = frames_back(F.group_norm(frames_first(x), groups, weight, bias, eps), x.shape[0])
     else:
         y = F.group_norm(x, groups, weight, bias, eps)
     # In place when nothing records the graph: the norm's output is ours, one activation less in memory.
@@ -90,6 +92,18 @@ class GroupNorm(nn.GroupNorm):
         return fn(x, self.weight, self.bias, self.num_groups, self.eps, self.per_frame, silu)
 
 
+class StreamConv3d(nn.Conv3d):
+    """`nn.Conv3d` that answers "no frames yet" when given fewer frames than its time kernel: the
+    step that flushes a decoding stream carries no new latent, only what layers held back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] >= self.kernel_size[0]:
+            return super().forward(x)
+        h, w = ((n + 2 * p - k) // s + 1 for n, p, k, s in
+                zip(x.shape[3:], self.padding[1:], self.kernel_size[1:], self.stride[1:]))
+        return x.new_empty(x.shape[0], self.out_channels, 0, h, w)
+
+
 class CausalConv3d(nn.Module):
     """3-D convolution that sees only the present and past frames; the first frame pads time."""
 
@@ -99,7 +113,7 @@ class CausalConv3d(nn.Module):
         self.time_kernel = kernel_size[0]
         self.time_stride = _triple(stride)[0]
         padding = (0,) + _triple(padding)[1:]
-        self.conv = nn.Conv3d(cin, cout, kernel_size, stride=stride, padding=padding)
+        self.conv = StreamConv3d(cin, cout, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         return self.conv(self.window(x, cache))
@@ -113,7 +127,7 @@ class FrameConv2d(nn.Conv2d):
     """A 2-D convolution applied to every frame (Open-Sora-Plan's `Conv2d`)."""
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        return frames_back(super().forward(frames_first(x)), x.shape[2])
+        return frames_back(super().forward(frames_first(x)), x.shape[0])
 
 
 class SpatialDownsample2x(nn.Module):
@@ -135,7 +149,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(cin, cout, 3, stride=2)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        return frames_back(self.conv(F.pad(frames_first(x), (0, 1, 0, 1))), x.shape[2])
+        return frames_back(self.conv(F.pad(frames_first(x), (0, 1, 0, 1))), x.shape[0])
 
 
 class SpatialUpsample2x(nn.Module):
@@ -146,6 +160,8 @@ class SpatialUpsample2x(nn.Module):
         self.conv = CausalConv3d(cin, cout, (1, 3, 3), padding=1)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        if x.shape[2] == 0:  # interpolate refuses empty inputs
+            return self.conv(x.new_empty(*x.shape[:3], 2 * x.shape[3], 2 * x.shape[4]))
         return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
 
 

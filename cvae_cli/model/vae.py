@@ -43,7 +43,7 @@ class Level(nn.Module):
             if len(self.attn):
                 h = self.attn[i](h, cache)
         for name in ("downsample", "time_downsample", "upsample", "time_upsample"):
-            if hasattr(self, name) and h.shape[2]:
+            if hasattr(self, name):
                 h = getattr(self, name)(h, cache)
         return h
 
@@ -123,12 +123,11 @@ class Decoder(nn.Module):
         self.space_scale = 2 ** sum(bool(s) for s in cfg.decoder_spatial_upsample)
 
     def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        """Streaming, a step may hold every frame back for look-ahead (and return none), and the
+        last step may carry no latent at all (T = 0): it only releases what was held back."""
         h = self.mid(self.conv_in(z, cache), cache)
         for level in reversed(self.up):
             h = level(h, cache)
-            if h.shape[2] == 0:  # streaming: every frame so far is held back for look-ahead
-                s = self.space_scale
-                return z.new_zeros(z.shape[0], self.conv_out.conv.out_channels, 0, z.shape[3] * s, z.shape[4] * s)
         return self.conv_out(self.norm_out(h, silu=True), cache)
 
 
