@@ -489,11 +489,9 @@ def run_plan(model, plan: Plan, options, select: Selection = Selection(), *, ran
                            "(use --overwrite or another --out-dir)")
             else:
                 summary.skipped += 1
-        def job(i: int) -> tuple[Path, Path, Selection]:
-            return plan.clips[i].path, plan.output(i), plan.clips[i].selection(select)
-
-        for group in batched(pending, batch_size, key=lambda i: size_key(job(i)[0], job(i)[2])):
-            jobs = [job(i) for i in group]
+        job = {i: (plan.clips[i].path, plan.output(i), plan.clips[i].selection(select)) for i in pending}
+        for group in batched(pending, batch_size, key=lambda i: size_key(job[i][0], job[i][2])):
+            jobs = [job[i] for i in group]
             src, _, first = jobs[0]
             name = src.name if len(jobs) == 1 else f"{len(jobs)} clips"
             total = sum(int(plan.frames[i]) for i in group) or None

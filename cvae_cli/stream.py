@@ -251,6 +251,7 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
     (stream index, uint8 frames (t, height, width, 3)) as `decode_latents` does."""
     ft, fs = model.config.time_compression, model.config.space_compression
     first, size, overlap = plan(options, ft, latent=True)
+    streaming = options.mode == "stream"
 
     def source(chunks):
         steps = (t for chunk in chunks for t in chunk.unbind(1))
@@ -266,7 +267,6 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
         return model.decode(layout(z, model), cache)
 
     seen = [0] * len(latents)
-    streaming = options.mode == "stream"
     tiler = Tiler(options.tile and options.tile // fs, fs, streaming=streaming)
     for i, x in lockstep([source(c) for c in latents], tiler, step):
         x = x[:, :, overlap:] if overlap and seen[i] else x

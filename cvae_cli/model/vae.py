@@ -120,7 +120,6 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = layers.GroupNorm(width, per_frame=cfg.norm == "frame")
         self.conv_out = _conv(cfg.decoder_conv_out, width, cfg.out_channels, 3)
-        self.space_scale = 2 ** sum(bool(s) for s in cfg.decoder_spatial_upsample)
 
     def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         """Streaming, a step may hold every frame back for look-ahead (and return none), and the
