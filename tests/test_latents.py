@@ -156,6 +156,19 @@ def test_error_not_a_latent_file(tmp_path):
     assert one_line_error(p) == f"{p} is not a cvae latent file (metadata cvae.height is missing)"
     save_file({"latent": rand()}, p, metadata={**make_meta().to_metadata(), "cvae.fps": "x/y"})
     assert "cvae.fps = 'x/y' is invalid" in one_line_error(p)
+    for bad in ("0,1,2", "1/0:0,1", "1/30:0,x"):
+        save_file({"latent": rand()}, p, metadata={**make_meta().to_metadata(), "cvae.frame_times": bad})
+        assert f"cvae.frame_times = '{bad}' is invalid" in one_line_error(p)
+
+
+def test_frame_times_round_trip_exactly_and_are_optional():
+    times = tuple(Fraction(n, 60) for n in (0, 2, 4, 10, 29)) + (Fraction(1001, 30000),)
+    meta = make_meta(frame_times=tuple(sorted(times)))
+    md = meta.to_metadata()
+    assert md["cvae.frame_times"] == "1/30000:0,1000,1001,2000,5000,14500"  # one exact tick for all
+    assert LatentMeta.from_metadata(md) == meta
+    assert "cvae.frame_times" not in make_meta().to_metadata()  # a constant rate stores none
+    assert LatentMeta.from_metadata(make_meta().to_metadata()).frame_times is None
 
 
 def test_error_no_latent_tensor(tmp_path):
