@@ -180,14 +180,14 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]],
         except Exception as e:  # this input's failure: end its stream, keep the batch going
             outcomes[k] = e
 
+    identity = model_id(model)  # once per call: a model not loaded from a file is hashed each time
     try:
         for k, (src, dst, select) in enumerate(jobs):
             times[k] = []
             try:
                 infos[k], (width, height), frames = select.frames(src, times[k])
-                info = infos[k]
-                writers[k] = LatentWriter(dst, _latent_meta(model, src, info, width, height, select, seed),
-                                          with_logvar=save_logvar)
+                meta = _latent_meta(model, identity, src, infos[k], width, height, select, seed)
+                writers[k] = LatentWriter(dst, meta, with_logvar=save_logvar)
             except CvaeError as e:
                 outcomes[k] = e
                 continue
@@ -221,11 +221,11 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]],
     return outcomes
 
 
-def _latent_meta(model: CausalVAE, src: Path, info: media.MediaInfo, width: int, height: int,
+def _latent_meta(model: CausalVAE, identity: str, src: Path, info: media.MediaInfo, width: int, height: int,
                  select: Selection, seed: int | None) -> LatentMeta:
     """What decode needs to know, before the frame count (filled in at the end)."""
     fs = model.config.space_compression
-    return LatentMeta(model_id=model_id(model), model_config=model.config.to_json(), frames=0,
+    return LatentMeta(model_id=identity, model_config=model.config.to_json(), frames=0,
                       height=height, width=width, padded_frames=0, padded_height=padded_size(height, fs),
                       padded_width=padded_size(width, fs), fps=None if info.is_image else select.output_fps(info),
                       source=src.name, sampled=seed is not None)
