@@ -124,6 +124,36 @@ def _diffusers_to_compvis(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def compvis_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CompVis names -> diffusers' `AutoencoderKL` names: the inverse of `_diffusers_to_compvis`."""
+    ups = 1 + max((int(m[1]) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k))), default=-1)
+    renames = [(r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+               (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+               (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
+               (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
+               (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+               (r"\.nin_shortcut\.", ".conv_shortcut.")]
+    attention = [(r"\.attn_1\.norm\.", ".attn_1.group_norm."), (r"\.attn_1\.q\.", ".attn_1.to_q."),
+                 (r"\.attn_1\.k\.", ".attn_1.to_k."), (r"\.attn_1\.v\.", ".attn_1.to_v."),
+                 (r"\.attn_1\.proj_out\.", ".attn_1.to_out.0.")]
+    out = {}
+    for key, value in sd.items():
+        if ".mid.attn_1." in key:
+            for pattern, repl in attention:
+                key = re.sub(pattern, repl, key)
+            if key.endswith(".weight") and value.ndim == 4:  # 1x1 conv -> Linear (C, C)
+                value = value[:, :, 0, 0]
+            key = key.replace(".mid.attn_1.", ".mid_block.attentions.0.")
+        key = re.sub(r"^decoder\.up\.(\d+)\.block\.",
+                     lambda m: f"decoder.up_blocks.{ups - 1 - int(m[1])}.resnets.", key)
+        key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.",
+                     lambda m: f"decoder.up_blocks.{ups - 1 - int(m[1])}.upsamplers.0.", key)
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
 def sd_vae_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Widths and depth of a CompVis-named SD VAE, read off its tensor shapes."""
     def shape(key: str) -> tuple[int, ...]:
@@ -377,6 +407,28 @@ def save_model(model: CausalVAE, path: str | Path, **info: Any) -> Path:
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return path
+
+
+def save_sd_vae(model: CausalVAE, path: str | Path) -> Path:
+    """An image model (`CausalVAEConfig.is_image_model`) as an SD VAE file in diffusers' layout:
+    what `cvae inflate --from` (and diffusers' `AutoencoderKL`) read. Atomic."""
+    from safetensors.torch import save_file
+
+    if not model.config.is_image_model:
+        raise CvaeError("only an image model (every block 2-D, no temporal layers) can be written as an SD VAE")
+    from .model.layers import CausalConv3d
+
+    wrapped = {f"{name}.conv." for name, m in model.named_modules() if isinstance(m, CausalConv3d)}
+    compvis = {}
+    for key, value in model.state_dict().items():
+        base, leaf = key.rsplit(".", 1)
+        if base + "." in wrapped:  # a 1x1x1 CausalConv3d (attention, quant convs) is a 1x1 Conv2d
+            key, value = base.removesuffix(".conv") + "." + leaf, value[:, :, 0] if value.ndim == 5 else value
+        compvis[key] = value.detach().to("cpu").contiguous()
+    sd = compvis_to_diffusers(compvis)
+    with atomic_path(Path(path)) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "layout": "diffusers AutoencoderKL"})
+    return Path(path)
 
 
 def weights_info(path: str | Path) -> dict[str, Any]:

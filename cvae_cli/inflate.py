@@ -38,12 +38,20 @@ def inflate_weight(w: torch.Tensor, kt: int, init: str) -> torch.Tensor:
     return out
 
 
-def inflated_config(sd_config: dict[str, Any], norm: str = "frame", arch: str = "v1.0.0",
+def inflated_config(sd_config: dict[str, Any], norm: str = "frame", arch: str | CausalVAEConfig = "v1.0.0",
                     **overrides: Any) -> CausalVAEConfig:
-    """The video VAE's layout for `arch`, sized like the SD VAE, with per-frame attention."""
+    """The video VAE's layout for `arch`, sized like the SD VAE, with per-frame attention.
+
+    `arch` is a released layout by name, or any config whose blocks (not widths) are wanted, e.g. a
+    small model with 2-D blocks at full resolution."""
     levels = len(sd_config["hidden_size_mult"])
     fields: dict[str, Any] = dict(sd_config, norm=norm)
-    if arch == "v1.0.0":  # Open-Sora-Plan's per-level pattern, at the SD VAE's depth
+    if isinstance(arch, CausalVAEConfig):
+        if len(arch.hidden_size_mult) != levels:
+            raise CvaeError(f"the layout has {len(arch.hidden_size_mult)} levels, the SD VAE {levels}")
+        fields = {**arch.to_dict(), **fields}
+        arch = "v1.0.0"  # built as a plain config below
+    elif arch == "v1.0.0":  # Open-Sora-Plan's per-level pattern, at the SD VAE's depth
         fields.update(
             encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix",
             encoder_resnet_blocks=("ResnetBlock3D",) * levels, decoder_resnet_blocks=("ResnetBlock3D",) * levels,
@@ -91,7 +99,7 @@ def load_2d_weights(model: CausalVAE, compvis: dict[str, torch.Tensor], init: st
 
 
 def inflate(source: dict[str, torch.Tensor] | str | Path, init: str = "tail", norm: str = "frame",
-            arch: str = "v1.0.0", **config_overrides: Any) -> CausalVAE:
+            arch: str | CausalVAEConfig = "v1.0.0", **config_overrides: Any) -> CausalVAE:
     """A causal video VAE made from an SD image VAE (a state dict, or any file `read_state_dict` reads).
 
     `config_overrides` change the layout (e.g. no temporal resampling, for tests). The returned
@@ -103,6 +111,6 @@ def inflate(source: dict[str, torch.Tensor] | str | Path, init: str = "tail", no
     model = CausalVAE(inflated_config(sd_vae_config(compvis), norm, arch, **config_overrides)).eval()
     if init != "random":
         load_2d_weights(model, compvis, init)
-    model.provenance = {"init": init, "arch": arch,
+    model.provenance = {"init": init, "arch": arch if isinstance(arch, str) else "custom",
                         "source": "state dict" if isinstance(source, dict) else str(source)}
     return model

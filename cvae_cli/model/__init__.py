@@ -1,6 +1,6 @@
 """The causal video VAE as a plain PyTorch model: no files, no CLI."""
-from .config import CausalVAEConfig, v1_1_0_config
+from .config import CausalVAEConfig, image_config, v1_1_0_config
 from .layers import StreamCache
 from .vae import CausalVAE, DiagonalGaussian
 
-__all__ = ["CausalVAE", "CausalVAEConfig", "DiagonalGaussian", "StreamCache", "v1_1_0_config"]
+__all__ = ["CausalVAE", "CausalVAEConfig", "DiagonalGaussian", "StreamCache", "image_config", "v1_1_0_config"]

@@ -11,7 +11,7 @@ CONVS = ("CausalConv3d", "Conv2d")
 ATTENTIONS = ("AttnBlock3D", "AttnBlock3DFix")
 SPATIAL_DOWNSAMPLES = ("SpatialDownsample2x", "Downsample")
 TEMPORAL_DOWNSAMPLES = ("TimeDownsample2x", "TimeDownsampleRes2x")
-SPATIAL_UPSAMPLES = ("SpatialUpsample2x",)
+SPATIAL_UPSAMPLES = ("SpatialUpsample2x", "Upsample")
 TEMPORAL_UPSAMPLES = ("TimeUpsample2x", "TimeUpsampleRes2x")
 NORMS = ("clip", "frame")
 
@@ -75,8 +75,8 @@ class CausalVAEConfig:
         """Refuse unknown block names and ragged per-level lists with a message that names them."""
         levels = len(self.hidden_size_mult)
         choices = {
-            "q_conv": CONVS[:1], "encoder_conv_in": CONVS, "encoder_conv_out": CONVS[:1],
-            "decoder_conv_in": CONVS[:1], "decoder_conv_out": CONVS[:1],
+            "q_conv": CONVS[:1], "encoder_conv_in": CONVS, "encoder_conv_out": CONVS,
+            "decoder_conv_in": CONVS, "decoder_conv_out": CONVS,
             "encoder_attention": ATTENTIONS, "decoder_attention": ATTENTIONS,
             "encoder_mid_resnet": RESNET_BLOCKS, "decoder_mid_resnet": RESNET_BLOCKS,
             "encoder_resnet_blocks": RESNET_BLOCKS, "decoder_resnet_blocks": RESNET_BLOCKS,
@@ -122,6 +122,36 @@ class CausalVAEConfig:
     @property
     def latent_channels(self) -> int:
         return self.embed_dim
+
+    @property
+    def is_image_model(self) -> bool:
+        """Every block sees one frame at a time: an SD-style image VAE (see `image_config`)."""
+        return (self.time_compression == 1 and not any(self.decoder_temporal_upsample)
+                and all(b == "ResnetBlock2D" for b in (*self.encoder_resnet_blocks, *self.decoder_resnet_blocks,
+                                                       self.encoder_mid_resnet, self.decoder_mid_resnet))
+                and all(c == "Conv2d" for c in (self.encoder_conv_in, self.encoder_conv_out,
+                                                self.decoder_conv_in, self.decoder_conv_out))
+                and all(u in ("", "Upsample") for u in self.decoder_spatial_upsample)
+                and all(d in ("", "Downsample") for d in self.encoder_spatial_downsample)
+                and self.norm == "frame" and self.encoder_attention == self.decoder_attention == "AttnBlock3DFix")
+
+
+def image_config(**overrides: Any) -> CausalVAEConfig:
+    """The SD image VAE's layout in this model's terms: every block 2-D, per-frame norm, no temporal
+    resampling. Trained on images, it is what `inflate` turns into a video VAE."""
+    levels = len(overrides.get("hidden_size_mult", CausalVAEConfig.hidden_size_mult))
+    fields = dict(
+        norm="frame", encoder_conv_in="Conv2d", encoder_conv_out="Conv2d", decoder_conv_in="Conv2d",
+        decoder_conv_out="Conv2d", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix",
+        encoder_mid_resnet="ResnetBlock2D", decoder_mid_resnet="ResnetBlock2D",
+        encoder_resnet_blocks=("ResnetBlock2D",) * levels, decoder_resnet_blocks=("ResnetBlock2D",) * levels,
+        encoder_spatial_downsample=("Downsample",) * (levels - 1) + ("",),
+        encoder_temporal_downsample=("",) * levels,
+        decoder_spatial_upsample=("",) + ("Upsample",) * (levels - 1),
+        decoder_temporal_upsample=("",) * levels,
+    )
+    fields.update(overrides)
+    return CausalVAEConfig(**fields)
 
 
 def v1_1_0_config(**overrides: Any) -> CausalVAEConfig:

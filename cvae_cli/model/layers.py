@@ -165,6 +165,20 @@ class SpatialUpsample2x(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest"))
 
 
+class Upsample(nn.Module):
+    """SD's 2-D upsampling per frame: nearest 2x, then a 3x3 conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        b, x = x.shape[0], frames_first(x)
+        if x.shape[0] == 0:  # interpolate refuses empty inputs
+            return frames_back(x.new_empty(0, self.conv.out_channels, 2 * x.shape[2], 2 * x.shape[3]), b)
+        return frames_back(self.conv(F.interpolate(x, scale_factor=2, mode="nearest")), b)
+
+
 def time_average(x: torch.Tensor) -> torch.Tensor:
     """Mean of 3 frames at stride 2 (an avg_pool3d, which the CPU lacks in bf16/fp16: upcast there)."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):

@@ -16,7 +16,7 @@ BLOCKS = {
     "ResnetBlock3D": blocks.ResnetBlock3D, "ResnetBlock2D": blocks.ResnetBlock2D,
     "AttnBlock3D": blocks.AttnBlock3D, "AttnBlock3DFix": blocks.AttnBlock3DFix,
     "SpatialDownsample2x": layers.SpatialDownsample2x, "Downsample": layers.Downsample,
-    "SpatialUpsample2x": layers.SpatialUpsample2x,
+    "SpatialUpsample2x": layers.SpatialUpsample2x, "Upsample": layers.Upsample,
     "TimeDownsample2x": layers.TimeDownsample2x, "TimeDownsampleRes2x": layers.TimeDownsampleRes2x,
     "TimeUpsample2x": layers.TimeUpsample2x, "TimeUpsampleRes2x": layers.TimeUpsampleRes2x,
 }
