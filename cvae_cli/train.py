@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,9 +364,8 @@ class Trainer:
     def _check_out(self) -> None:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.out / ".write-test"):
-                pass
-        except (OSError, CvaeError) as e:
+            tempfile.TemporaryFile(dir=self.out).close()
+        except OSError as e:
             raise CvaeError(f"--out {self.out} is not writable: {getattr(e, 'strerror', None) or e}") from None
 
     def _read_checkpoint(self, path: Path) -> dict:

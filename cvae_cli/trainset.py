@@ -9,6 +9,7 @@ batch is all images (1 frame) or all clips (`frames` frames), decided per step, 
 """
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import math
@@ -237,16 +238,45 @@ def _read(source: Source, start: int | None, count: int, rng: np.random.Generato
     claimed = max(source.frames, count)
     if start is None:
         start = int(rng.integers(claimed - count + 1))
-    frames = list(media.read_frames(source.path, start=start, end=start + count))
+    frames = _FILES.read(source, start, start + count)
     if len(frames) < count:
-        real = start + len(frames) if frames else sum(1 for _ in media.read_frames(source.path))
+        real = start + len(frames) if frames else len(_FILES.read(source, 0, None))
         if real < count:
             raise CvaeError(f"{source.path}: holds {real} frames, not the {count} a sample needs")
         start = int(rng.integers(real - count + 1))
-        frames = list(media.read_frames(source.path, start=start, end=start + count))
+        frames = _FILES.read(source, start, start + count)
     if len(frames) < count:
         raise CvaeError(f"{source.path}: frames {start}..{start + count} could not all be read")
     return frames
+
+
+class DecodedFiles:
+    """Decoded frames of recently used small files, up to `budget` bytes (one cache per DataLoader
+    worker): a training run samples the same photos and short clips thousands of times, and
+    decoding them again each time costs as much CPU as the model on a small machine. Files larger
+    than a quarter of the budget are read from disk every time."""
+
+    def __init__(self, budget: int = 1 << 30):
+        self.budget, self.used = budget, 0
+        self.entries: collections.OrderedDict[Path, list[np.ndarray]] = collections.OrderedDict()
+
+    def read(self, source: Source, start: int, end: int | None) -> list[np.ndarray]:
+        frames = self.entries.get(source.path)
+        if frames is not None:
+            self.entries.move_to_end(source.path)
+            return frames[start:end]
+        if max(source.frames, 1) * source.width * source.height * 3 > self.budget // 4:
+            return list(media.read_frames(source.path, start=start, end=end))
+        frames = list(media.read_frames(source.path))
+        self.entries[source.path] = frames
+        self.used += sum(f.nbytes for f in frames)
+        while self.used > self.budget and len(self.entries) > 1:
+            _, dropped = self.entries.popitem(last=False)
+            self.used -= sum(f.nbytes for f in dropped)
+        return frames[start:end]
+
+
+_FILES = DecodedFiles()
 
 
 def _resample(frame: np.ndarray, box: tuple[float, float, float, float], size: int, flip: bool) -> np.ndarray:

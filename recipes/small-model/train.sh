@@ -2,6 +2,7 @@
 # The shipped small model, from real package data, on a CPU (about 2 hours on 2 cores; minutes on a GPU).
 #   recipes/small-model/train.sh [DATA_DIR] [RUNS_DIR]
 # Every stage is resumable: run the script again after a kill and it goes on where it stopped.
+# STAGES="1" runs stage 1 only, STAGES="2" stage 2 only (it needs stage 1's result).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 data=$(realpath "${1:-$here/data}")
@@ -17,13 +18,16 @@ for kind in photos clips; do
 done
 common=(--seed 0 --workers 2 --val "$runs/watch-photos.txt" --val "$runs/watch-clips.txt" --log-every 10)
 
+stages=${STAGES:-1 2}
+
 # Stage 1: an SD-architecture image VAE (all 2-D, 8x spatial, 4 latent channels) on photos and frames.
-$cvae train --config "$here/image-vae.json" --out "$runs/stage1-image" \
+[[ $stages == *1* ]] && $cvae train --config "$here/image-vae.json" --out "$runs/stage1-image" \
   --data "$runs/fit-photos.txt" --data "$runs/fit-clips.txt" --frames 1 --size 64 --batch-size 16 \
   --steps "${STAGE1_STEPS:-7000}" --lr 1e-3 --warmup 200 --ema 0.999 --save-every 250 --val-every 500 "${common[@]}"
 
 # Stage 2: inflate it (tail, and separately center) into the video layout and fine-tune on real clips
 # plus camera paths over photos: identical data, seed and steps.
+[[ $stages == *2* ]] || exit 0
 for init in tail center; do
   $cvae train --inflate "$runs/stage1-image/final-sd-vae.safetensors" --init "$init" --arch "$here/video-vae.json" \
     --out "$runs/stage2-$init" --data "$runs/fit-clips.txt" --data "$runs/fit-photos.txt" \
