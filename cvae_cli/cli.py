@@ -21,7 +21,6 @@ from typer.core import TyperGroup
 
 from .errors import CvaeError, describe
 
-DEFAULT_WEIGHTS = Path(os.environ.get("CVAE_WEIGHTS", "weights/cvae-tail.safetensors"))
 
 
 class CvaeGroup(TyperGroup):
@@ -68,7 +67,8 @@ class Output:
             self.console.print(message)
 
     def error(self, message: str) -> None:
-        self.console.print(f"[bold red]error:[/] {escape(message)}")
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        self.console.print(f"{escape(rank)}[bold red]error:[/] {escape(message)}")
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
@@ -87,9 +87,11 @@ Inputs = Annotated[List[str], typer.Argument(help="Input files (globs allowed)."
 OutFile = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input only).")]
 OutDir = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of skipping them.")]
-Weights = Annotated[str, typer.Option("--weights", "-w", envvar="CVAE_WEIGHTS",
-                                      help="Model weights: a cvae .safetensors, an Open-Sora-Plan folder, or a "
-                                           "hub id like LanguageBind/Open-Sora-Plan-v1.1.0/vae.")]
+Weights = Annotated[Optional[str], typer.Option(
+    "--weights", "-w", envvar="CVAE_WEIGHTS", show_default=False,
+    help="Model weights: a cvae .safetensors, an Open-Sora-Plan folder, or a hub id like "
+         "LanguageBind/Open-Sora-Plan-v1.1.0/vae. Default: the SD VAE `cvae inflate` made, else the built-in "
+         "small model.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")]
 Mode = Annotated[str, typer.Option("--mode", help="Time cutting: stream (cached chunks, default), window "
@@ -149,11 +151,16 @@ def resolve_device(device: str, dtype: str):
     return device, names[dtype]
 
 
-def load_weights(weights: str, device: str, dtype, norm: str | None, fast: bool = False, compile: bool = False):
-    from .checkpoints import load_model
+def load_weights(weights: str | None, device: str, dtype, norm: str | None, fast: bool = False,
+                 compile: bool = False, out: Output | None = None):
+    from .checkpoints import default_weights, load_model
 
-    if Path(weights) == DEFAULT_WEIGHTS and not DEFAULT_WEIGHTS.exists():
-        raise CvaeError(f"no weights at {DEFAULT_WEIGHTS}: run `cvae inflate` first, or pass --weights")
+    if weights is None:
+        path, builtin = default_weights()
+        if builtin:
+            (out or Output()).info("note: using the built-in small model (cvae-small, trained on a CPU); "
+                                   "`cvae inflate` makes the better Stable Diffusion one")
+        weights = str(path)
     model = load_model(weights, norm=norm, device=device, dtype=dtype)
     if fast or compile:
         from .accel import Acceleration, prepare
@@ -280,7 +287,7 @@ def inflate(
     Examples:
 
     ```
-        cvae inflate                                   # stabilityai/sd-vae-ft-mse -> weights/cvae-tail.safetensors
+        cvae inflate                                   # stabilityai/sd-vae-ft-mse -> ~/.local/share/cvae/cvae-tail.safetensors
         cvae inflate --from ./vae-ft-mse-840000-ema-pruned.ckpt --init center -o weights/center.safetensors
     ```
     """
@@ -294,7 +301,10 @@ def inflate(
         raise CvaeError(f"--arch {arch}: use one of {', '.join(ARCHS)}")
     if norm not in ("frame", "clip"):
         raise CvaeError(f"--norm {norm}: use frame or clip")
-    output = output or (DEFAULT_WEIGHTS if init == "tail" and arch == "v1.0.0" else Path("weights") / f"cvae-{init}-{arch}.safetensors")
+    from .checkpoints import INFLATED_WEIGHTS, data_dir
+
+    output = output or data_dir() / (INFLATED_WEIGHTS if init == "tail" and arch == "v1.0.0" and norm == "frame"
+                                     else f"cvae-{init}-{arch}-{norm}.safetensors")
     path = fetch_sd_vae(source)
     model = inflate_sd(path, init=init, norm=norm, arch=arch)
     model.provenance["source"] = source or DEFAULT_SD_VAE
@@ -362,7 +372,7 @@ def encode(
                            "under --out-dir; complete ones are skipped (resumable); failures go to "
                            "failures.jsonl, totals to summary.json. Under torchrun, ranks share the clips.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --manifest: list what would be done, and stop.")] = False,
-    weights: Weights = str(DEFAULT_WEIGHTS),
+    weights: Weights = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     mode: Mode = "stream",
@@ -415,7 +425,7 @@ def encode(
                     for line in plan.lines():
                         typer.echo(line)
                 return
-            model = load_weights(weights, dev, dt, norm, fast, compile)
+            model = load_weights(weights, dev, dt, norm, fast, compile, out)
 
             def clip_options(src: Path, sel):
                 return stream_options(mode, chunk, tile, dev, dt, sel.model_size(src))
@@ -441,7 +451,7 @@ def encode(
         raise CvaeError("give input files, or --manifest")
     paths = expand(inputs)
     dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm, fast, compile)
+    model = load_weights(weights, dev, dt, norm, fast, compile, out)
     select = selection(frames, fps, size, max_side, allow_partial)
 
     def run(batch: list[Job], advance):
@@ -458,7 +468,7 @@ def decode(
     inputs: Inputs,
     output: OutFile = None,
     out_dir: OutDir = None,
-    weights: Weights = str(DEFAULT_WEIGHTS),
+    weights: Weights = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     mode: Mode = "stream",
@@ -488,7 +498,7 @@ def decode(
     out = Output(quiet)
     paths = expand(inputs)
     dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm, fast, compile)
+    model = load_weights(weights, dev, dt, norm, fast, compile, out)
 
     def suffix(p: Path) -> str:
         try:
@@ -516,7 +526,7 @@ def reconstruct(
     inputs: Inputs,
     output: OutFile = None,
     out_dir: OutDir = None,
-    weights: Weights = str(DEFAULT_WEIGHTS),
+    weights: Weights = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     mode: Mode = "stream",
@@ -552,7 +562,7 @@ def reconstruct(
     out = Output(quiet)
     paths = expand(inputs)
     dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm, fast, compile)
+    model = load_weights(weights, dev, dt, norm, fast, compile, out)
     select = selection(frames, fps, size, max_side, allow_partial)
     report = {}
 

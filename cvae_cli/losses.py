@@ -114,8 +114,9 @@ class LPIPS(nn.Module):
         model = cls()
         missing = [k for k in model.state_dict() if k not in state and k not in ("shift", "scale")]
         if missing:
-            raise CvaeError(f"LPIPS weights ({', '.join(map(str, paths))}) lack {missing[0]} "
-                            f"({len(missing)} tensors missing): give lpips' vgg.pth and torchvision's VGG16 weights")
+            what = ("the LPIPS layers lin0..lin4 (lpips' weights/v0.1/vgg.pth)" if missing[0].startswith("lin")
+                    else "the VGG16 backbone (torchvision's vgg16 weights, features.N.*)")
+            raise CvaeError(f"LPIPS weights ({', '.join(map(str, paths))}) lack {what}: {len(missing)} tensors missing")
         for key, value in state.items():
             if model.state_dict()[key].shape != value.shape:
                 raise CvaeError(f"LPIPS weights: {key} has shape {tuple(value.shape)}, "

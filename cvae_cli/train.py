@@ -334,12 +334,12 @@ class Trainer:
         ckpt_path = self.out / CHECKPOINT
         self.checkpoint = self._read_checkpoint(ckpt_path) if ckpt_path.exists() else None
         self.data = trainset.survey(opts.data, opts.size)
-        for path, reason in self.data.skipped:
-            self.report.note(f"skipped {path}: {reason}")
         if not self.data.sources:
             raise CvaeError(f"no usable data in --data {' '.join(map(str, opts.data))}"
                             + (f" ({len(self.data.skipped)} files skipped: {self.data.skipped[0][1]})"
                                if self.data.skipped else ""))
+        for path, reason in self.data.skipped:
+            self.report.note(f"skipped {path}: {reason}")
         if self.checkpoint is not None:
             config = CausalVAEConfig.from_dict(self.checkpoint["config"])
             with torch.device("meta"):
@@ -347,6 +347,7 @@ class Trainer:
             self.vae.load_state_dict(self.checkpoint["model"], assign=True)
             self.vae.provenance = self.checkpoint["provenance"]
         else:
+            torch.manual_seed(opts.seed)  # fresh weights (a config, inflated temporal layers) follow the seed
             self.vae = self.start.build()
         opts.check(self.vae.config)
         self.identity = opts.identity(self.start, self.data.digest(), self.dist.world)
@@ -504,6 +505,12 @@ class Trainer:
             self._average_gradients(disc)
             d_opt.step()
             terms["d_loss"] = d_loss.item()
+        if self.dist.world > 1:  # what loss.csv reports is the global batch's mean, as in one process
+            import torch.distributed as td
+
+            values = torch.tensor([terms[k] for k in sorted(terms)], dtype=torch.float64, device=x.device)
+            td.all_reduce(values)
+            terms = dict(zip(sorted(terms), (values / self.dist.world).tolist()))
         if not math.isfinite(terms["loss"]):
             raise CvaeError(f"the loss is {terms['loss']} at step {step + 1}: lower --lr (or raise --warmup)")
         return terms

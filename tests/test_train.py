@@ -1,0 +1,315 @@
+"""`cvae train` as a researcher uses it: it learns, it resumes exactly, it splits across processes,
+it freezes what it is told to, it makes SD-layout image VAEs, and bad input is one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cvae_cli import media, trainset
+from cvae_cli.checkpoints import load_model, read_state_dict
+from cvae_cli.cli import app
+from cvae_cli.errors import CvaeError
+from cvae_cli.metrics import psnr
+from cvae_cli.model import CausalVAE, image_config
+from cvae_cli.train import Start, TrainOptions, Trainer, read_config, read_rows, to_uint8, train
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP = REPO / "examples" / "cockatoo.mp4"  # real footage (a held-out source), 41 frames, 456x256
+PHOTO = REPO / "examples" / "coffee.jpg"
+TINY = {"base": "v1.0.0", "hidden_size": 32, "hidden_size_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+        "norm": "frame", "encoder_attention": "AttnBlock3DFix", "decoder_attention": "AttnBlock3DFix"}
+runner = CliRunner()
+
+
+def cvae(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_clip(tmp_path_factory) -> Path:
+    """9 real frames scaled to 48x32: a crop of 32 sees the whole picture, so a tiny model can learn it."""
+    path = tmp_path_factory.mktemp("media") / "small.mp4"
+    frames = list(media.read_frames(CLIP, start=0, end=9, size=(48, 32)))
+    with media.VideoWriter(path, 20, 48, 32, crf=0) as w:
+        for f in frames:
+            w.write(f)
+    return path
+
+
+def options(out: Path, data, **kw) -> TrainOptions:
+    base = dict(out=out, data=[str(d) for d in data], steps=6, batch_size=2, frames=5, size=32, lr=2e-3, warmup=2,
+                save_every=2, log_every=1, val_every=3, workers=0)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def losses_of(run: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["l1"], r["kl"]) for r in read_rows(run / "loss.csv")]
+
+
+def test_tiny_model_overfits_a_real_clip(tmp_path, tiny, small_clip):
+    opts = options(tmp_path / "run", [small_clip], val=[str(small_clip)], steps=60, val_every=60, log_every=10,
+                   lr=3e-3, warmup=5, save_every=60)
+    final = train(opts, Start(config=str(tiny)))
+    rows = read_rows(tmp_path / "run" / "loss.csv")
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < 0.85 * first, (first, last)  # measured: 0.78 (0.294 -> 0.228)
+    # PSNR of the clip before training (same seeded init) and after, as the run measured it
+    torch.manual_seed(0)
+    start = CausalVAE(read_config(str(tiny))).eval()
+    (_, x), = trainset.validation_set(trainset.survey([small_clip], 32), 5, 32)
+    with torch.no_grad():
+        before = psnr(to_uint8(x), to_uint8(start(x[None])[0])).mean().item()
+    after = float(rows[-1]["val_psnr"])
+    assert after > before + 5, (before, after)  # measured: 17.2 dB after 60 steps
+    model = load_model(final)  # an ordinary weights file, with its provenance
+    assert model.provenance["trained_steps"] == "60" and model.provenance["train_start"] == f"config {tiny}"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path, tiny):
+    data = [CLIP, PHOTO]
+    kw = dict(image_ratio=0.3, photo_motion=0.5, ema=0.9, steps=7, save_every=3)
+    whole = train(options(tmp_path / "whole", data, **kw), Start(config=str(tiny)))
+
+    def stop_at(step, total):
+        if step == 5:  # after the checkpoint at 3: steps 4 and 5 are lost, as in a kill
+            raise Interrupt
+
+    from cvae_cli.train import Report
+    with pytest.raises(Interrupt):
+        train(options(tmp_path / "cut", data, **kw), Start(config=str(tiny)), report=Report(advance=stop_at))
+    assert [r[0] for r in losses_of(tmp_path / "cut")] == ["1", "2", "3", "4"]
+    resumed = train(options(tmp_path / "cut", data, **kw), Start(config=str(tiny)))
+    assert losses_of(tmp_path / "cut") == losses_of(tmp_path / "whole")
+    a, b = load_file(whole), load_file(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny):
+    train(options(tmp_path / "run", [PHOTO], frames=1, steps=2), Start(config=str(tiny)))
+    with pytest.raises(CvaeError, match="batch_size 2, not 4"):
+        Trainer(options(tmp_path / "run", [PHOTO], frames=1, steps=4, batch_size=4), Start(config=str(tiny))).prepare()
+
+
+def test_train_temporal_leaves_every_other_weight_bit_identical(tmp_path, tiny):
+    start = Start(config=str(tiny))
+    final = train(options(tmp_path / "run", [CLIP], train="temporal", steps=3), start)
+    torch.manual_seed(0)
+    before = start.build().state_dict()
+    after = read_state_dict(final)
+    model = CausalVAE(read_config(str(tiny)))
+    from cvae_cli.train import select_trainable
+    temporal = {id(p) for p in select_trainable(model, "temporal")}
+    names = {n for n, p in model.named_parameters() if id(p) in temporal}
+    assert names and all(".conv.weight" in n or ".conv.bias" in n for n in names)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= names
+    assert not any(k.startswith("encoder.down.0.block.0.norm") for k in changed)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, tiny):
+    common = ["train", "--config", tiny, "--data", CLIP, "--data", PHOTO, "--steps", "3", "--frames", "5",
+              "--size", "32", "--lr", "2e-3", "--warmup", "1", "--photo-motion", "0.5", "--workers", "0",
+              "--log-every", "1", "-q"]
+    one = subprocess.run([sys.executable, "-m", "cvae_cli", *map(str, common), "-b", "4", "--out", tmp_path / "one"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "cvae_cli", *map(str, common), "-b", "2", "--out", tmp_path / "two"],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr
+    la, lb = losses_of(tmp_path / "one"), losses_of(tmp_path / "two")  # terms are averaged over ranks
+    assert [r[0] for r in la] == [r[0] for r in lb] == ["1", "2", "3"]
+    for x, y in zip(la, lb):  # measured: loss and L1 agree to 6e-6, KL to 3e-4 (relative)
+        assert abs(float(x[1]) - float(y[1])) <= 5e-5 * float(x[1]) and abs(float(x[2]) - float(y[2])) <= 5e-5 * float(x[2])
+        assert abs(float(x[3]) - float(y[3])) <= 2e-3 * float(x[3])
+    a, b = load_file(tmp_path / "one" / "final.safetensors"), load_file(tmp_path / "two" / "final.safetensors")
+    flat_a, flat_b = (torch.cat([t[k].flatten() for k in sorted(a)]) for t in (a, b))
+    # Reduction order differs (all-reduce of two half-batch means); Adam magnifies that only in biases
+    # that a following GroupNorm makes gradient-free: the weights as a whole agree to 1.2e-4 (measured).
+    assert ((flat_a - flat_b).norm() / flat_a.norm()).item() < 1e-3
+
+
+def test_image_model_in_sd_layout_inflates_to_itself_frame_by_frame(tmp_path, tiny):
+    diffusers = pytest.importorskip("diffusers")
+    config = tmp_path / "image.json"
+    config.write_text(json.dumps({"base": "image", "hidden_size": 32, "hidden_size_mult": [1, 2, 2, 2]}))
+    run = tmp_path / "image"
+    train(options(run, [PHOTO, CLIP], frames=1, steps=2), Start(config=str(config)))
+    image = load_model(run / "final.safetensors")
+    sd = load_file(run / "final-sd-vae.safetensors")
+    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                  block_out_channels=(32, 64, 64, 64), layers_per_block=2, norm_num_groups=32,
+                                  latent_channels=4).eval()
+    vae.load_state_dict(sd, strict=True)  # diffusers' own names, every tensor
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        ref = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        assert torch.allclose(image(x[:, :, None])[:, :, 0], ref, atol=1e-4)
+    r = cvae("inflate", "--from", run / "final-sd-vae.safetensors", "--init", "tail", "-o", tmp_path / "v.safetensors")
+    assert r.exit_code == 0, r.output
+    from cvae_cli.inflate import inflate
+    video = inflate(run / "final-sd-vae.safetensors", init="tail",
+                    encoder_temporal_downsample=("",) * 4, decoder_temporal_upsample=("",) * 4).eval()
+    clip = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(video(clip), image(clip), atol=1e-4)
+
+
+def test_discriminator_and_lpips_terms_are_reported(tmp_path, tiny):
+    from cvae_cli.losses import LPIPS
+
+    lpips = LPIPS()  # random weights in the two files' layouts: lpips' vgg.pth and torchvision's VGG16
+    torch.manual_seed(0)
+    backbone = {f"features.{k.split('.', 1)[1]}": torch.randn_like(v) * 0.05
+                for k, v in lpips.state_dict().items() if k.startswith("features.")}
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+    save_file(backbone, tmp_path / "vgg16.safetensors")
+    save_file(heads, tmp_path / "vgg.safetensors")
+    loaded = LPIPS.from_files([tmp_path / "vgg.safetensors", tmp_path / "vgg16.safetensors"])
+    x = torch.rand(2, 3, 2, 32, 32) * 2 - 1
+    assert torch.equal(loaded(x, x), torch.zeros(2)) and (loaded(x, x.flip(-1)) > 0).all()
+    with pytest.raises(CvaeError, match="lack the LPIPS layers lin0..lin4"):
+        LPIPS.from_files([tmp_path / "vgg16.safetensors"])
+    opts = options(tmp_path / "run", [CLIP], steps=2, disc_start=1, lpips=[str(tmp_path / "vgg.safetensors"),
+                                                                          str(tmp_path / "vgg16.safetensors")])
+    train(opts, Start(config=str(tiny)))
+    rows = read_rows(tmp_path / "run" / "loss.csv")
+    assert rows[0]["g_loss"] == "" and rows[1]["g_loss"] and rows[1]["d_loss"] and rows[1]["d_weight"]
+    assert all(float(r["lpips"]) > 0 for r in rows)
+    assert abs(float(rows[0]["loss"]) - float(rows[0]["l1"]) - float(rows[0]["lpips"])) < 1e-3
+
+
+def test_unreadable_files_are_skipped_and_said(tmp_path, tiny, small_clip):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.mp4").write_bytes(b"not a video at all")
+    (tmp_path / "data" / "small.mp4").write_bytes(small_clip.read_bytes())
+    r = cvae("train", "--config", tiny, "--data", tmp_path / "data", "--out", tmp_path / "run", "--steps", "1",
+             "-b", "1", "--frames", "5", "--size", "32", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert "skipped" in r.output and "broken.mp4" in r.output
+    assert (tmp_path / "run" / "final.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "6"], "needs 1 + 4k frames"),
+    (["--size", "1024"], "smaller than the 1024-pixel crop"),
+    (["--data", "{nothing}"], "no usable data"),
+    (["--out", "{file}/run"], "is not writable"),
+    (["--inflate", "{nothing}/sd.safetensors"], "exactly one starting point"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, tiny, args, message):
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "file").write_text("a file, not a folder")
+    args = [a.format(nothing=tmp_path / "nothing", file=tmp_path / "file") for a in args]
+    base = {"--data": str(PHOTO), "--out": str(tmp_path / "run"), "--frames": "5", "--size": "32"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv]
+    r = cvae("train", "--config", tiny, *flat, "--steps", "1", "--workers", "0")
+    assert r.exit_code == 1, r.output
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0], r.output
+    assert not (tmp_path / "run" / "final.safetensors").exists()
+
+
+def test_out_of_memory_is_one_line_with_a_hint(tmp_path, tiny, monkeypatch):
+    from cvae_cli import train as train_module
+
+    def exhausted(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_module.Autoencoder, "forward", exhausted)
+    r = cvae("train", "--config", tiny, "--data", PHOTO, "--out", tmp_path / "run", "--steps", "1", "--frames", "1",
+             "--size", "32", "--workers", "0")
+    assert r.exit_code == 1
+    assert "out of memory: try --checkpointing, a smaller --size or --batch-size" in r.output
+
+
+def test_plot_overlays_runs(tmp_path, tiny):
+    pytest.importorskip("matplotlib")
+    for name in ("tail", "center"):
+        train(options(tmp_path / name, [PHOTO], frames=1, steps=2, val=[str(PHOTO)], val_every=1),
+              Start(config=str(tiny)))
+    assert (tmp_path / "tail" / "loss.png").exists() and (tmp_path / "tail" / "samples-000001.png").exists()
+    r = cvae("plot", tmp_path / "tail", tmp_path / "center", "-o", tmp_path / "fig.png")
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+    assert Image.open(tmp_path / "fig.png").size[0] > 600
+    r = cvae("plot", tmp_path / "tail", "-o", tmp_path / "fig.png")
+    assert r.exit_code == 1 and "exists" in r.output
+    r = cvae("plot", tmp_path / "nothing", "-o", tmp_path / "x.png")
+    assert r.exit_code == 1 and "has no loss.csv" in r.output
+
+
+def test_samples_are_a_function_of_seed_and_index_only():
+    data = trainset.survey([CLIP, PHOTO], 32)
+    spec = trainset.SampleSpec(frames=5, size=32, image_ratio=0.5, photo_motion=0.5)
+    a = trainset.TrainingClips(data, spec, seed=3, global_batch=4)
+    b = trainset.TrainingClips(data, spec, seed=3, global_batch=4)
+    c = trainset.TrainingClips(data, spec, seed=4, global_batch=4)
+    for i in (0, 5, 17):
+        assert torch.equal(a[i][0], b[i][0])
+    assert any(not torch.equal(a[i][0], c[i][0]) for i in range(8))
+    shapes = {a[i][0].shape[1] for i in range(40)}
+    assert shapes == {1, 5}  # image steps and clip steps
+    assert all(a[i][0].shape[1] == a[4 * (i // 4)][0].shape[1] for i in range(40))  # one kind per step
+    x = a[1][0]
+    assert x.min() >= -1 and x.max() <= 1 and x.shape[2:] == (32, 32)
+
+
+def test_a_failing_rank_ends_the_job_promptly_with_one_line_naming_it(tmp_path, tiny):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # rank 1 fails at its second step; rank 0 is then mid-step
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import cvae_cli.train as t\n"
+        "    step, calls = t.Trainer._step, []\n"
+        "    def failing(self, *a, **k):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) > 1:\n"
+        "            raise RuntimeError('injected failure')\n"
+        "        return step(self, *a, **k)\n"
+        "    t.Trainer._step = failing\n")
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "cvae_cli", "train", "--config", str(tiny), "--data", str(PHOTO), "--steps", "50",
+                        "--frames", "1", "--size", "32", "-b", "1", "--workers", "0", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert time.monotonic() - t0 < 120
+    assert r.returncode != 0
+    ours = [l for l in r.stderr.splitlines() if "error:" in l and l.startswith("[rank")]
+    assert any(l.startswith("[rank 1] error: RuntimeError: injected failure") for l in ours), r.stderr
+    assert not (tmp_path / "run" / "final.safetensors").exists()
+
+
+def test_activation_checkpointing_computes_the_same_steps(tmp_path, tiny):
+    kw = dict(steps=2, log_every=1, save_every=2)
+    plain = train(options(tmp_path / "plain", [CLIP], **kw), Start(config=str(tiny)))
+    saved = train(options(tmp_path / "ckpt", [CLIP], checkpointing=True, **kw), Start(config=str(tiny)))
+    assert losses_of(tmp_path / "plain") == losses_of(tmp_path / "ckpt")
+    a, b = load_file(plain), load_file(saved)
+    assert list(a) == list(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
