@@ -32,7 +32,7 @@ for init in tail center; do
   $cvae train --inflate "$runs/stage1-image/final-sd-vae.safetensors" --init "$init" --arch "$here/video-vae.json" \
     --out "$runs/stage2-$init" --data "$runs/fit-clips.txt" --data "$runs/fit-photos.txt" \
     --frames 17 --size 48 --batch-size 4 --photo-motion 0.3 --image-ratio 0.1 \
-    --steps "${STAGE2_STEPS:-1000}" --lr 2e-4 --warmup 50 --ema 0.995 --save-every 100 --val-every 250 "${common[@]}"
+    --steps "${STAGE2_STEPS:-800}" --lr 2e-4 --warmup 50 --ema 0.995 --save-every 100 --val-every 200 "${common[@]}"
 done
 $cvae plot "$runs/stage2-tail" "$runs/stage2-center" --label tail --label center --overwrite \
   -o "$runs/tail-vs-center.png" --title "stage 2: tail vs center initialization"
