@@ -33,6 +33,8 @@ _LOCAL_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# What a released config.json carries besides the architecture (diffusers' own `_*` fields too).
+TRAINING_ONLY = ("lr", "loss_type", "loss_params")
 
 
 def _one_line(e: BaseException) -> str:
@@ -355,10 +357,15 @@ def default_weights() -> tuple[Path, bool]:
 
 # --- our models -------------------------------------------------------------------------------
 
-def _config(d: dict[str, Any], where: str, norm: str | None) -> CausalVAEConfig:
+def config_from_json(d: dict[str, Any], where: str = "config", norm: str | None = None) -> CausalVAEConfig:
+    """The architecture a config.json describes: its training fields dropped, anything else unknown refused."""
+    d = {k: v for k, v in d.items() if k not in TRAINING_ONLY and not k.startswith("_")}
+    d = d if norm is None else {**d, "norm": norm}
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(CausalVAEConfig)})
+    if unknown:
+        raise CvaeError(f"{where}: bad model config: unknown field {unknown[0]!r} (not a layout cvae builds)")
     try:
-        cfg = CausalVAEConfig.from_dict(d)
-        return cfg if norm is None else dataclasses.replace(cfg, norm=norm)
+        return CausalVAEConfig(**d)
     except (TypeError, ValueError) as e:
         raise CvaeError(f"{where}: bad model config: {_one_line(e)}") from None
 
@@ -420,7 +427,7 @@ def load_model(source: str | Path, *, norm: str | None = None, device: str | tor
         config_path = _hub_file(where, ("config.json",), hint)
         config, provenance = _read_json(config_path), {"source": where}
         weights = _hub_file(where, WEIGHT_FILES, hint)
-    cfg = _config(config, where, norm)
+    cfg = config_from_json(config, where, norm)
     state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith("loss.")}
     with torch.device("meta"):  # no random init of weights about to be replaced
         model = CausalVAE(cfg)
@@ -479,7 +486,7 @@ def weights_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     info: dict[str, Any] = {}
     if path.is_dir():
-        info["config"] = _config(_read_json(path / "config.json"), str(path), None).to_dict() \
+        info["config"] = config_from_json(_read_json(path / "config.json"), str(path), None).to_dict() \
             if (path / "config.json").is_file() else None
         path = _weights_file(path)
     if not path.exists():
