@@ -310,7 +310,7 @@ def config_from_json(d: dict[str, Any], where: str = "config", norm: str | None 
     if unknown:
         raise CvaeError(f"{where}: bad model config: unknown field {unknown[0]!r} (not a layout cvae builds)")
     try:
-        return CausalVAEConfig(**d)
+        return CausalVAEConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise CvaeError(f"{where}: bad model config: {_one_line(e)}") from None
 

@@ -85,6 +85,12 @@ class CausalVAEConfig:
         if self.hidden_size % 32:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 32 (GroupNorm has 32 groups)")
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CausalVAEConfig":
+        """The inverse of `to_dict`. A released config.json also carries training fields: read those
+        with `checkpoints.config_from_json`."""
+        return cls(**d)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples become lists."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
