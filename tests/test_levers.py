@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.memory import LiveTensorBytes
 from cvae_cli.checkpoints import config_from_json
-from cvae_cli.model import CausalVAE, Levers, StreamCache
+from cvae_cli.model import CausalVAE, Levers, StreamCache, image_config
 from cvae_cli.model import blocks, layers
 from cvae_cli.model.vae import run_in_slices
 from cvae_cli.stream import StreamOptions, decode_batch, decode_latents, encode_batch, encode_frames
@@ -25,6 +25,7 @@ V1_1_0 = dict(encoder_conv_in="Conv2d", encoder_resnet_blocks=("ResnetBlock2D",)
               encoder_temporal_downsample=("", "TimeDownsampleRes2x", "TimeDownsampleRes2x", ""),
               decoder_temporal_upsample=("", "", "TimeUpsampleRes2x", "TimeUpsampleRes2x"),
               encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
+IMAGE = {k: v for k, v in image_config().to_dict().items() if k not in ("hidden_size", "hidden_size_mult", "num_res_blocks")}
 EVERY_SLICE = Levers(slice_elements=1)  # one frame per slice at every stage: the hardest case
 
 
@@ -121,10 +122,10 @@ def grads(model: CausalVAE, x: torch.Tensor, checkpointed: bool = False) -> dict
     return {"x": x.grad.clone(), **{k: p.grad for k, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize("arch", ["v1.0.0", "v1.1.0"])
+@pytest.mark.parametrize("arch", ["v1.0.0", "v1.1.0", "image"])
 @pytest.mark.parametrize("frames", [1, 5])
 def test_gradients_through_the_levers_equal_the_plain_path(arch, frames):
-    model = random_model(**(V1_1_0 if arch == "v1.1.0" else {}))
+    model = random_model(**{"v1.0.0": {}, "v1.1.0": V1_1_0, "image": IMAGE}[arch])
     x = (torch.rand(1, 3, frames, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).requires_grad_()
     slow = grads(plain(model), x)
     for fast in (grads(model.use_levers(Levers()), x), grads(model, x, checkpointed=True)):

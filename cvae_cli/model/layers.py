@@ -219,7 +219,7 @@ def phase_kernel(weight: torch.Tensor) -> torch.Tensor:
 
 def upsample_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Nearest 2x then a 3x3 conv (padding 1) of every frame of (B, C, T, H, W), computed on the
-    small frames: each output pixel's phase sees 2x2 input pixels (the `upsample` lever)."""
+    small frames: each output pixel's phase sees 2x2 input pixels (the `phase_upsample` lever)."""
     y = F.conv_transpose2d(frames_first(x), phase_kernel(weight), bias, stride=2, padding=1)
     return frames_back(y, x.shape[0])
 
