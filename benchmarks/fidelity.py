@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cvae_cli.model import CausalVAE, CausalVAEConfig  # noqa: E402
+from cvae_cli.checkpoints import config_from_json  # noqa: E402
+from cvae_cli.model import CausalVAE  # noqa: E402
 from cvae_cli.stream import StreamOptions, decode_latents, encode_frames  # noqa: E402
 
 FIXTURES = Path(os.environ.get("CVAE_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
@@ -28,7 +29,7 @@ FIXTURES = Path(os.environ.get("CVAE_FIXTURES", Path(__file__).resolve().parents
 
 def load(version: str) -> CausalVAE:
     f = safe_open(str(FIXTURES / f"osp-v{version}.safetensors"), "pt")
-    model = CausalVAE(CausalVAEConfig(**json.loads(f.metadata()["config"]))).eval()
+    model = CausalVAE(config_from_json(json.loads(f.metadata()["config"]))).eval()
     model.load_state_dict({k[6:]: f.get_tensor(k).float() for k in f.keys() if k.startswith("model.")})
     return model
 

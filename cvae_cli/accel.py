@@ -1,6 +1,9 @@
 """Speed levers for inference, each off by default and each proven on the CPU to compute the same
 function as the plain model (tests/test_accel.py). Measured outcomes: benchmarks/README.md.
 
+These change how kernels run (memory layout, fusion, compilation), not the arithmetic. The levers
+that do less arithmetic or hold less memory are the model's own, on by default (`model.Levers`).
+
     model = accel.prepare(model, Acceleration(channels_last=True, fused_norm=True, compile=True))
 
 `prepare` changes the model in place (memory format, compiled parts) and records the levers on

@@ -33,6 +33,8 @@ _LOCAL_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# What a released config.json carries besides the architecture (diffusers' own `_*` fields too).
+TRAINING_ONLY = ("lr", "loss_type", "loss_params")
 
 
 def _one_line(e: BaseException) -> str:
@@ -178,64 +180,11 @@ def sd_vae_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     )
 
 
-def compvis_shapes(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a CompVis SD VAE with the config `c`, in order: what a valid file holds."""
-    s: dict[str, tuple[int, ...]] = {}
-
-    def conv(name, cout, cin, k):
-        s[f"{name}.weight"], s[f"{name}.bias"] = (cout, cin, k, k), (cout,)
-
-    def norm(name, ch):
-        s[f"{name}.weight"] = s[f"{name}.bias"] = (ch,)
-
-    def resnet(name, cin, cout):
-        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cout, cin, 3)
-        norm(f"{name}.norm2", cout), conv(f"{name}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{name}.nin_shortcut", cout, cin, 1)
-
-    def mid(name, ch):
-        resnet(f"{name}.block_1", ch, ch)
-        norm(f"{name}.attn_1.norm", ch)
-        for p in ("q", "k", "v", "proj_out"):
-            conv(f"{name}.attn_1.{p}", ch, ch, 1)
-        resnet(f"{name}.block_2", ch, ch)
-
-    ch, mult, n, z, levels = c["hidden_size"], c["hidden_size_mult"], c["num_res_blocks"], c["z_channels"], \
-        len(c["hidden_size_mult"])
-    widths = [ch * m for m in mult]
-    conv("encoder.conv_in", ch, c["in_channels"], 3)
-    cin = ch
-    for i, w in enumerate(widths):
-        for j in range(n):
-            resnet(f"encoder.down.{i}.block.{j}", cin if j == 0 else w, w)
-        cin = w
-        if i < levels - 1:
-            conv(f"encoder.down.{i}.downsample.conv", w, w, 3)
-    mid("encoder.mid", widths[-1])
-    norm("encoder.norm_out", widths[-1])
-    conv("encoder.conv_out", 2 * z, widths[-1], 3)
-    conv("quant_conv", 2 * c["embed_dim"], 2 * z, 1)
-    conv("post_quant_conv", z, c["embed_dim"], 1)
-    conv("decoder.conv_in", widths[-1], z, 3)
-    mid("decoder.mid", widths[-1])
-    cin = widths[-1]
-    for i in reversed(range(levels)):
-        for j in range(n + 1):
-            resnet(f"decoder.up.{i}.block.{j}", cin if j == 0 else widths[i], widths[i])
-        cin = widths[i]
-        if i > 0:
-            conv(f"decoder.up.{i}.upsample.conv", widths[i], widths[i], 3)
-    norm("decoder.norm_out", ch)
-    conv("decoder.conv_out", c["out_channels"], ch, 3)
-    return s
-
-
 def sd_vae_to_compvis(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An SD image VAE in either layout (or inside a full SD checkpoint) -> CompVis names, checked.
+    """An SD image VAE in either layout (or inside a full SD checkpoint) -> CompVis names.
 
-    Non-VAE keys (the UNet, the text encoder, `loss.*`) are dropped; every VAE tensor must be there
-    with the shape the detected config implies, else a CvaeError names the first one that is not.
+    Non-VAE keys (the UNet, the text encoder, `loss.*`) are dropped. Whether every tensor is there
+    with the right shape is checked against the model built from it (`inflate.check_image_vae`).
     """
     sd = dict(state_dict)
     for prefix in ("first_stage_model.", "vae."):  # a full SD checkpoint carries the VAE under one
@@ -245,9 +194,7 @@ def sd_vae_to_compvis(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     sd = {k: v for k, v in sd.items() if k.startswith(_VAE_PREFIXES)}
     if any(".down_blocks." in k or ".mid_block." in k or ".up_blocks." in k for k in sd):
         sd = _diffusers_to_compvis(sd)
-    expected = compvis_shapes(sd_vae_config(sd))
-    check_shapes(sd, expected, "not an SD VAE state dict")
-    return {k: sd[k] for k in expected}
+    return sd
 
 
 def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], problem: str,
@@ -355,10 +302,15 @@ def default_weights() -> tuple[Path, bool]:
 
 # --- our models -------------------------------------------------------------------------------
 
-def _config(d: dict[str, Any], where: str, norm: str | None) -> CausalVAEConfig:
+def config_from_json(d: dict[str, Any], where: str = "config", norm: str | None = None) -> CausalVAEConfig:
+    """The architecture a config.json describes: its training fields dropped, anything else unknown refused."""
+    d = {k: v for k, v in d.items() if k not in TRAINING_ONLY and not k.startswith("_")}
+    d = d if norm is None else {**d, "norm": norm}
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(CausalVAEConfig)})
+    if unknown:
+        raise CvaeError(f"{where}: bad model config: unknown field {unknown[0]!r} (not a layout cvae builds)")
     try:
-        cfg = CausalVAEConfig.from_dict(d)
-        return cfg if norm is None else dataclasses.replace(cfg, norm=norm)
+        return CausalVAEConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise CvaeError(f"{where}: bad model config: {_one_line(e)}") from None
 
@@ -420,7 +372,7 @@ def load_model(source: str | Path, *, norm: str | None = None, device: str | tor
         config_path = _hub_file(where, ("config.json",), hint)
         config, provenance = _read_json(config_path), {"source": where}
         weights = _hub_file(where, WEIGHT_FILES, hint)
-    cfg = _config(config, where, norm)
+    cfg = config_from_json(config, where, norm)
     state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith("loss.")}
     with torch.device("meta"):  # no random init of weights about to be replaced
         model = CausalVAE(cfg)
@@ -479,7 +431,7 @@ def weights_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     info: dict[str, Any] = {}
     if path.is_dir():
-        info["config"] = _config(_read_json(path / "config.json"), str(path), None).to_dict() \
+        info["config"] = config_from_json(_read_json(path / "config.json"), str(path), None).to_dict() \
             if (path / "config.json").is_file() else None
         path = _weights_file(path)
     if not path.exists():

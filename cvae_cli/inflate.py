@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from .checkpoints import read_state_dict, sd_vae_config, sd_vae_to_compvis
+from .checkpoints import check_shapes, read_state_dict, sd_vae_config, sd_vae_to_compvis
 from .errors import CvaeError
 from .model import CausalVAE, CausalVAEConfig, v1_1_0_config
+from .model.layers import CausalConv3d
 
 INITS = ("tail", "center", "average", "random")
 ARCHS = ("v1.0.0", "v1.1.0")
@@ -72,21 +73,45 @@ def _is_temporal(key: str) -> bool:
     return ".time_downsample." in key or ".time_upsample." in key
 
 
+def image_vae_names(model: CausalVAE) -> dict[str, str]:
+    """CompVis name -> the model's name, for every tensor of the model but its temporal layers'.
+
+    A CausalConv3d `X` keeps its kernel in the nn.Conv3d `X.conv`, the image VAE in `X` itself;
+    every other tensor (2-D blocks, norms) has the same name in both.
+    """
+    names = {}
+    for key in model.state_dict():
+        base, leaf = key.rsplit(".", 1)
+        owner = base.removesuffix(".conv")
+        image_key = f"{owner}.{leaf}" if owner != base and isinstance(model.get_submodule(owner), CausalConv3d) else key
+        if not _is_temporal(key):
+            names[image_key] = key
+    return names
+
+
+def check_image_vae(compvis: dict[str, torch.Tensor]) -> None:
+    """Every tensor of an SD VAE there, with its shape, as the video VAE built for its size expects
+    (its 3-D kernels seen without their time axis); a CvaeError names the first that is not."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = CausalVAE(inflated_config(sd_vae_config(compvis)))
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {image: tuple(s for i, s in enumerate(shapes[key]) if len(shapes[key]) < 5 or i != 2)
+                for image, key in image_vae_names(model).items()}
+    check_shapes(compvis, expected, "not an SD VAE state dict")
+
+
 def load_2d_weights(model: CausalVAE, compvis: dict[str, torch.Tensor], init: str) -> None:
     """Copy CompVis-named 2-D weights into `model`, inflating where its layer is 3-D.
 
-    A CompVis conv `X.weight` lands on `X.conv.weight` when X is a CausalConv3d (which wraps an
-    nn.Conv3d as `.conv`), else on `X.weight` itself (2-D blocks, norms). Every weight of the model
-    but its temporal layers must be filled, and every SD tensor must find a place.
+    Every weight of the model but its temporal layers must be filled, and every SD tensor must find a place.
     """
-    target = model.state_dict()
+    target, names = model.state_dict(), image_vae_names(model)
     filled = set()
     with torch.no_grad():
         for key, w in compvis.items():
-            base, leaf = key.rsplit(".", 1)
-            name = f"{base}.conv.{leaf}" if f"{base}.conv.{leaf}" in target else key
-            if name not in target:
+            if key not in names:
                 raise CvaeError(f"the SD VAE's {key} has no place in the inflated model")
+            name = names[key]
             t = target[name]
             value = inflate_weight(w, t.shape[2], init) if t.ndim == 5 and w.ndim == 4 else w
             if value.shape != t.shape:
@@ -108,6 +133,7 @@ def inflate(source: dict[str, torch.Tensor] | str | Path, init: str = "tail", no
     if init not in INITS:
         raise CvaeError(f"unknown init {init!r} (known: {', '.join(INITS)})")
     compvis = sd_vae_to_compvis(source if isinstance(source, dict) else read_state_dict(source))
+    check_image_vae(compvis)
     model = CausalVAE(inflated_config(sd_vae_config(compvis), norm, arch, **config_overrides)).eval()
     if init != "random":
         load_2d_weights(model, compvis, init)

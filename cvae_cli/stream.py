@@ -126,18 +126,25 @@ class Tiler:
         h, w = x.shape[-2:]
         boxes = list(itertools.product(self.spans(h), self.spans(w)))
         if len(boxes) == 1:
-            return step(x, self._cache((0, 0), final))
+            return self._step(step, x, (0, 0), final)
         out = weight = None
         for (y0, y1), (x0, x1) in boxes:
-            y = step(x[..., y0:y1, x0:x1], self._cache((y0, x0), final))
-            if out is None:
-                out = y.new_zeros(*y.shape[:3], round(h * self.scale), round(w * self.scale))
-                weight = y.new_zeros(out.shape[-2:])
+            y = self._step(step, x[..., y0:y1, x0:x1], (y0, x0), final)
+            if out is None:  # blended in float32: bf16 weights that should sum to 1 do not
+                out = y.new_zeros(*y.shape[:3], round(h * self.scale), round(w * self.scale), dtype=torch.float32)
+                weight = out.new_zeros(out.shape[-2:])
             ramp = self._ramp(y, (y0 > 0, y1 < h), (x0 > 0, x1 < w))
             oy, ox = round(y0 * self.scale), round(x0 * self.scale)
-            out[..., oy:oy + y.shape[-2], ox:ox + y.shape[-1]] += y * ramp
+            out[..., oy:oy + y.shape[-2], ox:ox + y.shape[-1]].addcmul_(y, ramp)
             weight[oy:oy + y.shape[-2], ox:ox + y.shape[-1]] += ramp
-        return out / weight
+        return out.div_(weight).to(y.dtype)
+
+    def _step(self, step: Callable, x: torch.Tensor, key: tuple[int, int], final: bool) -> torch.Tensor:
+        """One tile's step; a tile's caches go as soon as its stream has ended."""
+        y = step(x, self._cache(key, final))
+        if final:
+            self.caches.pop(key, None)
+        return y
 
     def select(self, index: list[int]) -> "Tiler":
         """A tiler carrying only some batch rows' caches (clips of a batch that go on together)."""
@@ -157,9 +164,9 @@ class Tiler:
         blend = max(1, round(self.tile * self.scale * self.overlap))
 
         def axis(n: int, inner: tuple[bool, bool]) -> torch.Tensor:
-            r = torch.ones(n, dtype=y.dtype, device=y.device)
+            r = torch.ones(n, device=y.device)
             k = min(blend, n)
-            up = torch.arange(1, k + 1, dtype=y.dtype, device=y.device) / (k + 1)
+            up = torch.arange(1, k + 1, device=y.device) / (k + 1)
             if inner[0]:
                 r[:k] = torch.minimum(r[:k], up)
             if inner[1]:
@@ -175,7 +182,7 @@ def frames_to_pixels(frames: Sequence[np.ndarray], options: StreamOptions, facto
     x = torch.from_numpy(np.stack(frames))
     if options.device != "cpu" and torch.device(options.device).type == "cuda":
         x = x.pin_memory().to(options.device, non_blocking=True)
-    x = x.permute(3, 0, 1, 2).unsqueeze(0).to(options.dtype).div_(127.5).sub_(1)
+    x = x.permute(3, 0, 1, 2).unsqueeze(0).float().div_(127.5).sub_(1).to(options.dtype)  # one rounding
     h, w = x.shape[-2:]
     pad = (0, padded_size(w, factor) - w, 0, padded_size(h, factor) - h, 0, 0)
     return F.pad(x, pad, mode="replicate") if any(pad) else x
@@ -183,7 +190,7 @@ def frames_to_pixels(frames: Sequence[np.ndarray], options: StreamOptions, facto
 
 def pixels_to_frames(x: torch.Tensor, height: int, width: int) -> np.ndarray:
     """(1, 3, T, H', W') in [-1, 1] -> uint8 (T, height, width, 3) on the CPU, padding cropped."""
-    x = x[0, :, :, :height, :width].float().add_(1).mul_(127.5).round_().clamp_(0, 255)
+    x = x[0, :, :, :height, :width].float().add(1).mul_(127.5).round_().clamp_(0, 255)  # x stays the caller's
     return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
@@ -255,12 +262,12 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
 
     def source(chunks):
         steps = (t for chunk in chunks for t in chunk.unbind(1))
-        for group, last in groups(steps, first, size, overlap):
+        for n, (group, last) in enumerate(groups(steps, first, size, overlap)):
             z = torch.stack(group, dim=1).unsqueeze(0).to(options.device, options.dtype)
-            if last and streaming:  # the last chunk as any other, then an empty one that flushes
-                yield z, False      # what the decoder held back: two steps of the usual size,
-                yield z[:, :, :0], True  # not one twice as large (the peak of a streamed decode)
-            else:
+            if last and streaming and (n or len(group) > 1):  # the last chunk as any other, then an
+                yield z, False           # empty one that flushes what the decoder held back: two steps
+                yield z[:, :, :0], True  # of the usual size, not one twice as large (the peak of a
+            else:                        # streamed decode). A lone latent (an image) holds nothing back.
                 yield z, last
 
     def step(z: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:

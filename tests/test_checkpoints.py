@@ -109,7 +109,7 @@ def test_released_folder_round_trips_through_from_pretrained(tmp_path):
         loaded = CausalVAE.from_pretrained(str(folder))
         assert_same_weights(loaded, model)
         assert loaded.config.to_dict() == model.config.to_dict() and loaded.config.norm == "clip"
-        assert loaded.config.lr == 1e-05 and not loaded.training
+        assert not hasattr(loaded.config, "lr") and not loaded.training  # training fields dropped on reading
         assert loaded.provenance == {"source": str(folder)}
     frame = load_model(tmp_path / "safetensors", norm="frame")
     assert frame.config.norm == "frame" and all(m.per_frame for m in frame.modules() if hasattr(m, "per_frame"))

@@ -8,13 +8,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from cvae_cli.checkpoints import config_from_json
+from cvae_cli.errors import CvaeError
 from cvae_cli.model import CausalVAE, CausalVAEConfig, DiagonalGaussian, v1_1_0_config
 from conftest import fixture_file, random_model, rel_err
 
 
 def load_reference(version: str):
     f = safe_open(str(fixture_file(version)), "pt")
-    config = CausalVAEConfig(**json.loads(f.metadata()["config"]))  # training-only fields included
+    config = config_from_json(json.loads(f.metadata()["config"]))  # training-only fields dropped
     model = CausalVAE(config).eval()
     model.load_state_dict({k[len("model."):]: f.get_tensor(k).float() for k in f.keys() if k.startswith("model.")},
                           strict=True)
@@ -37,7 +39,7 @@ def test_reproduces_open_sora_plan(version, frames):
 def test_released_config_builds_full_size_model(version):
     f = safe_open(str(fixture_file(version)), "pt")
     released = json.loads(f.metadata()["released_config"])
-    model = CausalVAE(CausalVAEConfig(**released))
+    model = CausalVAE(config_from_json(released))
     keys = {k for k in model.state_dict()}
     assert "encoder.conv_in.weight" in keys if version == "1.1.0" else "encoder.conv_in.conv.weight" in keys
     if version == "1.0.0":  # SPEC §2: 229 M parameters
@@ -46,8 +48,17 @@ def test_released_config_builds_full_size_model(version):
 
 def test_v1_1_0_helper_matches_released_layout():
     f = safe_open(str(fixture_file("1.1.0")), "pt")
-    released = CausalVAEConfig(**json.loads(f.metadata()["released_config"]))
-    assert v1_1_0_config().to_dict() == released.to_dict()
+    released = config_from_json(json.loads(f.metadata()["released_config"]))
+    assert v1_1_0_config() == released
+
+
+def test_released_config_is_read_without_its_training_fields_and_unknown_fields_are_refused():
+    released = json.loads(safe_open(str(fixture_file("1.0.0")), "pt").metadata()["released_config"])
+    assert {"lr", "loss_type", "loss_params", "_class_name"} <= released.keys()
+    assert config_from_json(released) == CausalVAEConfig()  # v1.0.0 is the default layout
+    assert "lr" not in CausalVAEConfig().to_dict()
+    with pytest.raises(CvaeError, match="unknown field 'use_tiling'"):
+        config_from_json({**released, "use_tiling": True}, "vae/config.json")
 
 
 def test_posterior_clamps_logvar_and_samples_reproducibly():

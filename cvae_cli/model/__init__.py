@@ -1,6 +1,7 @@
 """The causal video VAE as a plain PyTorch model: no files, no CLI."""
 from .config import CausalVAEConfig, image_config, v1_1_0_config
 from .layers import StreamCache
-from .vae import CausalVAE, DiagonalGaussian
+from .vae import CausalVAE, DiagonalGaussian, Levers
 
-__all__ = ["CausalVAE", "CausalVAEConfig", "DiagonalGaussian", "StreamCache", "image_config", "v1_1_0_config"]
+__all__ = ["CausalVAE", "CausalVAEConfig", "DiagonalGaussian", "Levers", "StreamCache", "image_config",
+           "v1_1_0_config"]

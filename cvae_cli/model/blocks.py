@@ -8,6 +8,11 @@ from torch import nn
 from .layers import CausalConv3d, GroupNorm, StreamCache, frames_back, frames_first
 
 
+def residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + h, written into h when nothing records the graph (h is the block's own, one tensor less)."""
+    return x + h if torch.is_grad_enabled() else h.add_(x)
+
+
 class ResnetBlock3D(nn.Module):
     """norm, SiLU, causal conv, norm, SiLU, dropout, causal conv; 1x1x1 shortcut when widths differ."""
 
@@ -18,17 +23,17 @@ class ResnetBlock3D(nn.Module):
         self.norm2 = GroupNorm(cout, per_frame)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(cout, cout, 3, padding=1)
-        if cin != cout:
-            self.nin_shortcut = CausalConv3d(cin, cout, 1)
+        self.nin_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        # Windowing outside the conv call frees the norm output before the conv runs: at 720p the
-        # level-0 activations are ~0.24 GB a frame, so one tensor fewer alive is most of the peak.
-        h = self.conv1.conv(self.conv1.window(self.norm1(x, silu=True), cache))
-        h = self.conv2.conv(self.conv2.window(self.dropout(self.norm2(h, silu=True)), cache))
-        if hasattr(self, "nin_shortcut"):
+        h = self.norm1(x, silu=True)
+        h = self.conv1(h, cache)
+        h = self.norm2(h, silu=True)
+        h = self.dropout(h)
+        h = self.conv2(h, cache)
+        if self.nin_shortcut is not None:
             x = self.nin_shortcut(x, cache)
-        return h.add_(x) if not torch.is_grad_enabled() else x + h
+        return residual(x, h)
 
 
 class ResnetBlock2D(nn.Module):
@@ -41,16 +46,18 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = GroupNorm(cout, per_frame=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        if cin != cout:
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         b, x = x.shape[0], frames_first(x)
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.dropout(self.norm2(h, silu=True)))
-        if hasattr(self, "nin_shortcut"):
+        h = self.norm1(x, silu=True)
+        h = self.conv1(h)
+        h = self.norm2(h, silu=True)
+        h = self.dropout(h)
+        h = self.conv2(h)
+        if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return frames_back(h.add_(x) if not torch.is_grad_enabled() else x + h, b)
+        return frames_back(residual(x, h), b)
 
 
 class AttnBlock3DFix(nn.Module):
@@ -65,9 +72,10 @@ class AttnBlock3DFix(nn.Module):
         self.proj_out = CausalConv3d(channels, channels, 1)
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B*T, H*W, C): one sequence of pixels per frame."""
+        """(B, C, T, H, W) -> (B*T, 1, H*W, C): one single-head sequence of pixels per frame, in the
+        (batch, heads, tokens, channels) layout that SDPA's fused kernels take."""
         b, c, t, h, w = x.shape
-        return x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        return x.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
 
     def from_tokens(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         b, c, t, h, w = shape
@@ -76,8 +84,9 @@ class AttnBlock3DFix(nn.Module):
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         h = self.norm(x)
         q, k, v = (self.to_tokens(proj(h)) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # scale C^-0.5, softmax over keys
-        return x + self.proj_out(self.from_tokens(out, x.shape).contiguous())
+        h = F.scaled_dot_product_attention(q, k, v)  # scale C^-0.5, softmax over keys
+        h = self.proj_out(self.from_tokens(h, x.shape).contiguous())
+        return residual(x, h)
 
 
 class AttnBlock3D(AttnBlock3DFix):
@@ -91,7 +100,7 @@ class AttnBlock3D(AttnBlock3DFix):
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        return x.reshape(b * t, c, h * w).transpose(1, 2)
+        return x.reshape(b * t, 1, c, h * w).transpose(2, 3)
 
     def from_tokens(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return y.transpose(1, 2).reshape(shape)
+        return y.transpose(2, 3).reshape(shape)

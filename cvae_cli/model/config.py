@@ -15,10 +15,6 @@ SPATIAL_UPSAMPLES = ("SpatialUpsample2x", "Upsample")
 TEMPORAL_UPSAMPLES = ("TimeUpsample2x", "TimeUpsampleRes2x")
 NORMS = ("clip", "frame")
 
-# Fields a released config.json carries that mean nothing for inference.
-TRAINING_ONLY = ("lr", "loss_type", "loss_params", "_class_name", "_diffusers_version",
-                 "_name_or_path", "_use_default_values")
-
 
 @dataclass
 class CausalVAEConfig:
@@ -55,14 +51,6 @@ class CausalVAEConfig:
     decoder_temporal_upsample: tuple[str, ...] = ("", "", "TimeUpsample2x", "TimeUpsample2x")
     decoder_mid_resnet: str = "ResnetBlock3D"
     norm: str = "clip"
-    # Accepted so that `CausalVAEConfig(**json.load(f))` works on a released config; unused.
-    lr: Any = None
-    loss_type: Any = None
-    loss_params: Any = None
-    _class_name: Any = None
-    _diffusers_version: Any = None
-    _name_or_path: Any = None
-    _use_default_values: Any = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -99,14 +87,13 @@ class CausalVAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CausalVAEConfig":
-        """Build from a config.json-like dict, ignoring fields this model has no use for."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """The inverse of `to_dict`. A released config.json also carries training fields: read those
+        with `checkpoints.config_from_json`."""
+        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        """The architecture only (training-only fields dropped), JSON-ready."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if k not in TRAINING_ONLY}
+        """JSON-ready: tuples become lists."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

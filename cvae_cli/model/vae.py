@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import blocks, layers
@@ -22,6 +22,34 @@ BLOCKS = {
 }
 
 
+@dataclass(frozen=True)
+class Levers:
+    """Exact shortcuts in how the model computes, all on by default: each gives the plain model's
+    function to float rounding (tests/test_levers.py); `Levers.off()` is the plain path.
+
+    fold_start: a causal conv's first frames see frame 0 through the taps that reach before the clip;
+      those taps' kernels are summed instead of frame 0 being repeated (`layers.CausalConv3d.start`):
+      an image costs a third of the 3-D conv FLOPs. Also the temporal downsamplers' first window.
+    phase_upsample: nearest 2x + 3x3 conv as one stride-2 transposed conv (`layers.phase_kernel`):
+      2.25x fewer multiply-adds in those convs, and no 4x upsampled tensor.
+    slice_elements: a step's frames go through the model a few at a time (down to one), so that at
+      each stage at most this many activation elements (channels x pixels x frames) come in at once;
+      the causal layers carry what the next slice needs. Only stages whose every norm and attention
+      is per frame (a clip norm pools over whatever it is given, so slicing would change it) and
+      never under autograd (a cache mutated inside `torch.utils.checkpoint` would be replayed
+      wrong, and slices save no memory when every activation is kept for backward). None: off.
+      Default: one 720p frame of the 128-channel level.
+    """
+
+    fold_start: bool = True
+    phase_upsample: bool = True
+    slice_elements: int | None = 128 * 1280 * 720
+
+    @classmethod
+    def off(cls) -> "Levers":
+        return cls(fold_start=False, phase_upsample=False, slice_elements=None)
+
+
 def _resnet(name: str, cin: int, cout: int, cfg: CausalVAEConfig) -> nn.Module:
     return BLOCKS[name](cin, cout, cfg.dropout, per_frame=cfg.norm == "frame")
 
@@ -34,18 +62,56 @@ def _conv(name: str, cin: int, cout: int, kernel: int) -> nn.Module:
     return BLOCKS[name](cin, cout, kernel, padding=kernel // 2)
 
 
-class Level(nn.Module):
-    """One resolution of the encoder or decoder: resnets (and attentions), then resampling."""
+def _resample(name: str, channels: int) -> nn.Module | None:
+    return BLOCKS[name](channels, channels) if name else None
 
-    def forward(self, h: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+
+def frame_local(module: nn.Module) -> bool:
+    """Whether each output frame depends on input frames only through causal, cached layers: every
+    norm per frame, no attention across time (the legacy AttnBlock3D mixes the whole chunk)."""
+    return all(m.per_frame for m in module.modules() if isinstance(m, layers.GroupNorm)) \
+        and not any(type(m) is blocks.AttnBlock3D for m in module.modules())
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: resnets, each followed by an attention where the
+    level has them (`attn_resolutions`), then spatial and temporal resampling (either may be absent)."""
+
+    def __init__(self, resnets: Sequence[nn.Module], attentions: Sequence[nn.Module]):
+        super().__init__()
+        self.block = nn.ModuleList(resnets)
+        self.attn = nn.ModuleList(attentions)
+
+    def resamplers(self) -> tuple[nn.Module | None, nn.Module | None]:
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         for i, block in enumerate(self.block):
             h = block(h, cache)
             if len(self.attn):
                 h = self.attn[i](h, cache)
-        for name in ("downsample", "time_downsample", "upsample", "time_upsample"):
-            if hasattr(self, name):
-                h = getattr(self, name)(h, cache)
+        for resample in self.resamplers():
+            if resample is not None:
+                h = resample(h, cache)
         return h
+
+
+class DownLevel(Level):
+    def __init__(self, resnets, attentions, downsample: nn.Module | None, time_downsample: nn.Module | None):
+        super().__init__(resnets, attentions)
+        self.downsample, self.time_downsample = downsample, time_downsample
+
+    def resamplers(self):
+        return self.downsample, self.time_downsample
+
+
+class UpLevel(Level):
+    def __init__(self, resnets, attentions, upsample: nn.Module | None, time_upsample: nn.Module | None):
+        super().__init__(resnets, attentions)
+        self.upsample, self.time_upsample = upsample, time_upsample
+
+    def resamplers(self):
+        return self.upsample, self.time_upsample
 
 
 class Mid(nn.Module):
@@ -55,11 +121,59 @@ class Mid(nn.Module):
         self.attn_1 = _attention(attention, channels, cfg)
         self.block_2 = _resnet(resnet, channels, channels, cfg)
 
-    def forward(self, h: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h, cache), cache), cache)
+    def forward(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        h = self.block_1(h, cache)
+        h = self.attn_1(h, cache)
+        return self.block_2(h, cache)
+
+
+class Out(nn.Module):
+    """norm, SiLU, conv: the last stage of the encoder and of the decoder."""
+
+    def __init__(self, norm: nn.Module, conv: nn.Module):
+        super().__init__()
+        self.norm, self.conv = norm, conv
+
+    def forward(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.conv(self.norm(h, silu=True), cache)
+
+
+def widest(*parts: nn.Module) -> int:
+    """Channels of the widest activation a stage makes, per pixel of its input (x4 where it upsamples)."""
+    modules = [m for part in parts for m in part.modules()]
+    width = max(max(m.in_channels, m.out_channels) for m in modules if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    return width * (4 if any(isinstance(m, (layers.SpatialUpsample2x, layers.Upsample)) for m in modules) else 1)
+
+
+Stage = tuple[Callable[[torch.Tensor, StreamCache | None], torch.Tensor], int]  # (run, widest(...))
+
+
+def run_in_slices(stages: Sequence[Stage], h: torch.Tensor, cache: StreamCache | None, elements: int,
+                  final: bool | None = None) -> torch.Tensor:
+    """`stages` one after the other, each fed a few frames at a time: as many as keep its widest
+    activation under `elements` (at least one). Depth first: a slice goes on through the next
+    stages before the next slice comes in, so only one slice's activations are alive at a time.
+    The causal layers pass what the next slice needs through `cache` (a fresh one for a whole
+    clip); only the last slice of a final step is final."""
+    if not stages:
+        return h
+    if final is None:
+        final, cache = (True, StreamCache()) if cache is None else (cache.final, cache)
+    (stage, width), rest = stages[0], stages[1:]
+    size = max(1, elements // (width * h.shape[0] * h.shape[-2] * h.shape[-1]))
+    starts = range(0, h.shape[2], size) if h.shape[2] else [0]
+    outs = []
+    for i, s in enumerate(starts):
+        last = final and i == len(starts) - 1
+        cache.final = last
+        outs.append(run_in_slices(rest, stage(h[:, :, s:s + size], cache), cache, elements, last))
+    cache.final = final
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
 class Encoder(nn.Module):
+    slice_elements: int | None = Levers.slice_elements
+
     def __init__(self, cfg: CausalVAEConfig):
         super().__init__()
         mult = (1,) + tuple(cfg.hidden_size_mult)
@@ -67,33 +181,39 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         res = cfg.resolution
         for i in range(len(cfg.hidden_size_mult)):
-            level, cin, cout = Level(), cfg.hidden_size * mult[i], cfg.hidden_size * mult[i + 1]
-            level.block = nn.ModuleList(
-                _resnet(cfg.encoder_resnet_blocks[i], cin if j == 0 else cout, cout, cfg)
-                for j in range(cfg.num_res_blocks))
-            level.attn = nn.ModuleList(
-                _attention(cfg.encoder_attention, cout, cfg)
-                for _ in range(cfg.num_res_blocks) if res in cfg.attn_resolutions)
-            if cfg.encoder_spatial_downsample[i]:
-                level.downsample = BLOCKS[cfg.encoder_spatial_downsample[i]](cout, cout)
-                res //= 2
-            if cfg.encoder_temporal_downsample[i]:
-                level.time_downsample = BLOCKS[cfg.encoder_temporal_downsample[i]](cout, cout)
-            self.down.append(level)
+            cin, cout = cfg.hidden_size * mult[i], cfg.hidden_size * mult[i + 1]
+            resnets = [_resnet(cfg.encoder_resnet_blocks[i], cin if j == 0 else cout, cout, cfg)
+                       for j in range(cfg.num_res_blocks)]
+            attentions = [_attention(cfg.encoder_attention, cout, cfg)
+                          for _ in range(cfg.num_res_blocks) if res in cfg.attn_resolutions]
+            res //= 2 if cfg.encoder_spatial_downsample[i] else 1
+            self.down.append(DownLevel(resnets, attentions, _resample(cfg.encoder_spatial_downsample[i], cout),
+                                       _resample(cfg.encoder_temporal_downsample[i], cout)))
         width = cfg.hidden_size * mult[-1]
         self.mid = Mid(width, cfg, cfg.encoder_mid_resnet, cfg.encoder_attention)
         self.norm_out = layers.GroupNorm(width, per_frame=cfg.norm == "frame")
         self.conv_out = _conv(cfg.encoder_conv_out, width, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3)
+        parts = [(self.conv_in,), *((level,) for level in self.down), (self.mid,), (self.norm_out, self.conv_out)]
+        self.widths = [widest(*p) for p in parts]
+        self.local = next((i for i, p in enumerate(parts) if not all(map(frame_local, p))), len(parts))
+
+    def project_out(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.conv_out(self.norm_out(h, silu=True), cache)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        h = self.conv_in(x, cache)
-        for level in self.down:
-            h = level(h, cache)
-        h = self.mid(h, cache)
-        return self.conv_out(self.norm_out(h, silu=True), cache)
+        """The leading stages that are frame-local run in slices (`Levers.slice_elements`), if they
+        reach past conv_in (slicing conv_in alone would gather its full-size output anyway)."""
+        stages = list(zip([self.conv_in, *self.down, self.mid, self.project_out], self.widths))
+        sliced = self.local if self.slice_elements and self.local > 1 and not torch.is_grad_enabled() else 0
+        h = run_in_slices(stages[:sliced], x, cache, self.slice_elements or 0)
+        for stage, _ in stages[sliced:]:
+            h = stage(h, cache)
+        return h
 
 
 class Decoder(nn.Module):
+    slice_elements: int | None = Levers.slice_elements
+
     def __init__(self, cfg: CausalVAEConfig):
         super().__init__()
         levels = len(cfg.hidden_size_mult)
@@ -103,31 +223,35 @@ class Decoder(nn.Module):
         self.mid = Mid(width, cfg, cfg.decoder_mid_resnet, cfg.decoder_attention)
         up = []
         for i in reversed(range(levels)):
-            level, cout = Level(), cfg.hidden_size * cfg.hidden_size_mult[i]
-            level.block = nn.ModuleList(
-                _resnet(cfg.decoder_resnet_blocks[i], width if j == 0 else cout, cout, cfg)
-                for j in range(cfg.num_res_blocks + 1))
-            level.attn = nn.ModuleList(
-                _attention(cfg.decoder_attention, cout, cfg)
-                for _ in range(cfg.num_res_blocks + 1) if res in cfg.attn_resolutions)
-            if cfg.decoder_spatial_upsample[i]:
-                level.upsample = BLOCKS[cfg.decoder_spatial_upsample[i]](cout, cout)
-                res *= 2
-            if cfg.decoder_temporal_upsample[i]:
-                level.time_upsample = BLOCKS[cfg.decoder_temporal_upsample[i]](cout, cout)
-            up.insert(0, level)
+            cout = cfg.hidden_size * cfg.hidden_size_mult[i]
+            resnets = [_resnet(cfg.decoder_resnet_blocks[i], width if j == 0 else cout, cout, cfg)
+                       for j in range(cfg.num_res_blocks + 1)]
+            attentions = [_attention(cfg.decoder_attention, cout, cfg)
+                          for _ in range(cfg.num_res_blocks + 1) if res in cfg.attn_resolutions]
+            res *= 2 if cfg.decoder_spatial_upsample[i] else 1
+            up.insert(0, UpLevel(resnets, attentions, _resample(cfg.decoder_spatial_upsample[i], cout),
+                                 _resample(cfg.decoder_temporal_upsample[i], cout)))
             width = cout
         self.up = nn.ModuleList(up)
         self.norm_out = layers.GroupNorm(width, per_frame=cfg.norm == "frame")
         self.conv_out = _conv(cfg.decoder_conv_out, width, cfg.out_channels, 3)
+        parts = [(self.conv_in,), (self.mid,), *((level,) for level in reversed(self.up)), (self.norm_out, self.conv_out)]
+        self.widths = [widest(*p) for p in parts]
+        self.local = next((i for i in reversed(range(len(parts))) if not all(map(frame_local, parts[i]))), -1) + 1
+
+    def project_out(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        return self.conv_out(self.norm_out(h, silu=True), cache)
 
     def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         """Streaming, a step may hold every frame back for look-ahead (and return none), and the
-        last step may carry no latent at all (T = 0): it only releases what was held back."""
-        h = self.mid(self.conv_in(z, cache), cache)
-        for level in reversed(self.up):
-            h = level(h, cache)
-        return self.conv_out(self.norm_out(h, silu=True), cache)
+        last step may carry no latent at all (T = 0): it only releases what was held back.
+        The trailing stages that are frame-local run in slices (`Levers.slice_elements`)."""
+        stages = list(zip([self.conv_in, self.mid, *reversed(self.up), self.project_out], self.widths))
+        whole = self.local if self.slice_elements and not torch.is_grad_enabled() else len(stages)
+        h = z
+        for stage, _ in stages[:whole]:
+            h = stage(h, cache)
+        return run_in_slices(stages[whole:], h, cache, self.slice_elements or 0)
 
 
 @dataclass
@@ -170,6 +294,19 @@ class CausalVAE(nn.Module):
         q = layers.CausalConv3d
         self.quant_conv = q(2 * config.z_channels, 2 * config.embed_dim, 1)
         self.post_quant_conv = q(config.embed_dim, config.z_channels, 1)
+        self.levers = Levers()
+
+    def use_levers(self, levers: Levers) -> "CausalVAE":
+        """Switch the exact shortcuts (`Levers`) on or off for every layer; returns the model."""
+        for m in self.modules():
+            if isinstance(m, (layers.CausalConv3d, layers.TimeDownsample2x, layers.TimeDownsampleRes2x)):
+                m.fold_start = levers.fold_start
+            elif isinstance(m, (layers.SpatialUpsample2x, layers.Upsample)):
+                m.phase_upsample = levers.phase_upsample
+            elif isinstance(m, (Encoder, Decoder)):
+                m.slice_elements = levers.slice_elements
+        self.levers = levers
+        return self
 
     @classmethod
     def from_pretrained(cls, source: str, **kwargs) -> "CausalVAE":

@@ -1,0 +1,238 @@
+"""The exact levers (`model.Levers`) compute the plain model's function: same outputs, same gradients,
+fewer FLOPs, less memory. Plain = `Levers.off()`; every comparison is 1e-5 relative in float32."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.memory import LiveTensorBytes
+from cvae_cli.checkpoints import config_from_json
+from cvae_cli.model import CausalVAE, Levers, StreamCache, image_config
+from cvae_cli.model import blocks, layers
+from cvae_cli.model.vae import run_in_slices
+from cvae_cli.stream import StreamOptions, decode_batch, decode_latents, encode_batch, encode_frames
+from conftest import fixture_file, random_model, rel_err
+
+FRAME_NORM = dict(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
+V1_1_0 = dict(encoder_conv_in="Conv2d", encoder_resnet_blocks=("ResnetBlock2D",) * 2 + ("ResnetBlock3D",) * 2,
+              encoder_spatial_downsample=("Downsample",) * 3 + ("",),
+              encoder_temporal_downsample=("", "TimeDownsampleRes2x", "TimeDownsampleRes2x", ""),
+              decoder_temporal_upsample=("", "", "TimeUpsampleRes2x", "TimeUpsampleRes2x"),
+              encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
+IMAGE = {k: v for k, v in image_config().to_dict().items() if k not in ("hidden_size", "hidden_size_mult", "num_res_blocks")}
+EVERY_SLICE = Levers(slice_elements=1)  # one frame per slice at every stage: the hardest case
+
+
+def plain(model: CausalVAE) -> CausalVAE:
+    return copy.deepcopy(model).use_levers(Levers.off())
+
+
+def clip(n: int, h: int = 32, w: int = 48, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def round_trip(model, frames, **options):
+    opts = StreamOptions(**options)
+    mean = torch.cat([m for m, _ in encode_frames(model, frames, opts)], 1)
+    h, w = frames[0].shape[:2]
+    return mean, np.concatenate(list(decode_latents(model, [mean], opts, h, w)))
+
+
+def assert_same(fast, slow):
+    assert rel_err(fast[0], slow[0]) < 1e-5
+    assert np.abs(fast[1].astype(int) - slow[1]).max() <= 1  # float rounding, then uint8 rounding
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+@torch.no_grad()
+def test_levers_reproduce_open_sora_plan_like_the_plain_path(version):
+    f = safe_open(str(fixture_file(version)), "pt")
+    model = CausalVAE(config_from_json(json.loads(f.metadata()["config"]))).eval()
+    model.load_state_dict({k[6:]: f.get_tensor(k).float() for k in f.keys() if k.startswith("model.")})
+    slow = plain(model)
+    for frames in (1, 9):
+        x, moments, decoded = (f.get_tensor(f"{name}.t{frames}") for name in ("input", "moments", "decoded"))
+        reference = slow.quant_conv(slow.encoder(x)), slow.decode(moments[:, :4])
+        for levers in (Levers(), EVERY_SLICE):
+            fast = model.use_levers(levers)
+            got = fast.quant_conv(fast.encoder(x)), fast.decode(moments[:, :4])
+            assert rel_err(got[0], moments) < 1e-4 and rel_err(got[1], decoded) < 1e-4  # Open-Sora-Plan's own
+            assert rel_err(got[0], reference[0]) < 1e-5 and rel_err(got[1], reference[1]) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["v1.0.0 frame", "v1.1.0 frame", "v1.0.0 clip", "v1.1.0 clip"])
+@pytest.mark.parametrize("mode, tile", [("stream", None), ("whole", 64)])
+def test_levers_stream_and_tile_like_the_plain_path(layout, mode, tile):
+    arch, norm = layout.split()
+    model = random_model(**{**(V1_1_0 if arch == "v1.1.0" else {}), **(FRAME_NORM if norm == "frame" else {})})
+    frames = clip(9, 40, 88)  # chunk 4: 5 frames, then 4; tile 64: two tiles side by side
+    slow = round_trip(plain(model), frames, mode=mode, chunk=4, tile=tile)
+    for levers in (Levers(), EVERY_SLICE):
+        assert_same(round_trip(model.use_levers(levers), frames, mode=mode, chunk=4, tile=tile), slow)
+
+
+def test_levers_batch_like_the_plain_path():
+    model = random_model(**FRAME_NORM).use_levers(EVERY_SLICE)
+    clips = [clip(9, seed=1), clip(5, seed=2), clip(1, seed=3)]  # 1: an image, fold and phases alone
+    opts = StreamOptions(chunk=4)
+    got: dict[int, list] = {i: [] for i in range(3)}
+    for i, mean, _ in encode_batch(model, clips, opts):
+        got[i].append(mean)
+    latents = [torch.cat(got[i], 1) for i in range(3)]
+    outs: dict[int, list] = {i: [] for i in range(3)}
+    for i, frames in decode_batch(model, [[z] for z in latents], opts, 32, 48):
+        outs[i].append(frames)
+    for i, frames in enumerate(clips):
+        assert_same((latents[i], np.concatenate(outs[i])), round_trip(plain(model), frames, chunk=4))
+
+
+def test_slicing_is_off_where_it_would_change_the_result():
+    """A clip norm pools over what it is given: sliced, the released layout would compute something
+    else. The model keeps such stages whole; only the frame-local ones are sliced."""
+    model, cache = random_model(), None  # released layout: clip norm, legacy attention
+    x = torch.randn(1, 3, 9, 32, 48)
+    with torch.no_grad():
+        stages = [(model.encoder.conv_in, 1), (model.encoder.down[0], 1)]
+        sliced = run_in_slices(stages, x, cache, elements=1)
+        whole = model.encoder.down[0](model.encoder.conv_in(x))
+        assert rel_err(sliced, whole) > 1e-3  # why slicing is off for clip-norm stages
+    assert model.encoder.local == 1 and model.decoder.local == len(model.decoder.widths)  # nothing sliced
+    assert random_model(**V1_1_0).encoder.local == 3  # v1.1.0: conv_in and two levels of 2-D blocks
+    assert random_model(**FRAME_NORM).encoder.local == 7 and random_model(**FRAME_NORM).decoder.local == 0
+
+
+def grads(model: CausalVAE, x: torch.Tensor, checkpointed: bool = False) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model).train()
+    if checkpointed:  # as a trainer may: every level recomputed in backward
+        for level in [*model.encoder.down, *model.decoder.up]:
+            forward = level.forward
+            level.forward = lambda h, cache=None, f=forward: torch.utils.checkpoint.checkpoint(
+                f, h, cache, use_reentrant=False)
+    post = model.encode(x)
+    z = post.sample(torch.Generator().manual_seed(0))
+    loss = (model.decode(z) - x).square().mean() + 1e-3 * post.logvar.exp().mean()
+    loss.backward()
+    return {"x": x.grad.clone(), **{k: p.grad for k, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("arch", ["v1.0.0", "v1.1.0", "image"])
+@pytest.mark.parametrize("frames", [1, 5])
+def test_gradients_through_the_levers_equal_the_plain_path(arch, frames):
+    model = random_model(**{"v1.0.0": {}, "v1.1.0": V1_1_0, "image": IMAGE}[arch])
+    x = (torch.rand(1, 3, frames, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).requires_grad_()
+    slow = grads(plain(model), x)
+    for fast in (grads(model.use_levers(Levers()), x), grads(model, x, checkpointed=True)):
+        assert fast.keys() == slow.keys()
+        worst = max(rel_err(fast[k], slow[k]) for k in slow if slow[k].abs().sum() > 0)
+        assert worst < 1e-5, worst
+
+
+def conv_flops(model: CausalVAE, frames: int, h: int = 32, w: int = 48) -> dict[str, int]:
+    """Convolution FLOPs of one encode and one decode, per module that ran them (on the meta device:
+    shapes only, no arithmetic)."""
+    model = copy.deepcopy(model).to("meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        z = model.encode(torch.zeros(1, 3, frames, h, w, device="meta")).mean
+        model.decode(z)
+    return {name: sum(v for op, v in ops.items() if "convolution" in str(op))
+            for name, ops in counter.get_flop_counts().items()}
+
+
+def test_an_image_costs_a_third_of_its_3d_taps_and_upsampling_four_ninths():
+    model = random_model()
+    slow, fast = conv_flops(plain(model), 1), conv_flops(model.use_levers(Levers()), 1)
+    expected = 0
+    for name, module in model.named_modules():
+        owned = slow.get(f"CausalVAE.{name}", 0) if name else 0
+        if isinstance(module, layers.CausalConv3d) and not name.endswith("upsample.conv"):
+            expected += owned // module.time_kernel  # one tap of k sees the image
+        elif isinstance(module, layers.SpatialUpsample2x):
+            expected += owned * 16 // 36  # 4 taps per output pixel of the 4 phases, not 9
+    assert fast["Global"] == expected
+    assert fast["Global"] < 0.4 * slow["Global"]
+
+
+def test_a_clip_costs_fewer_flops_only_at_its_start_and_in_upsampling():
+    model = random_model()
+    slow, fast = conv_flops(plain(model), 17)["Global"], conv_flops(model.use_levers(Levers()), 17)["Global"]
+    only_upsample = conv_flops(copy.deepcopy(model).use_levers(Levers(fold_start=False)), 17)["Global"]
+    assert fast < only_upsample < slow
+    assert 0.85 < fast / slow < 0.95  # the start folds 3 of 3T taps; upsampling saves 5/9 of its convs
+
+
+def peak(model, frames: int, h: int, w: int, tile: int | None = None, chunk: int = 8) -> tuple[int, int]:
+    frame = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    opts = StreamOptions(chunk=chunk, tile=tile)
+    with LiveTensorBytes() as enc:
+        mean = torch.cat([m for m, _ in encode_frames(model, (frame for _ in range(frames)), opts)], 1)
+    with LiveTensorBytes() as dec:
+        for _ in decode_latents(model, [mean], opts, h, w):
+            pass
+    return enc.peak, dec.peak
+
+
+def test_slices_cut_the_streaming_peak():
+    model = random_model(**FRAME_NORM)
+    sliced, whole = peak(model.use_levers(EVERY_SLICE), 17, 32, 48), peak(plain(model), 17, 32, 48)
+    assert sliced[0] < 0.75 * whole[0] and sliced[1] < 0.75 * whole[1], (sliced, whole)
+
+
+def test_a_tiled_image_keeps_no_tile_caches():
+    """An image has no next chunk: no tile keeps caches, so five tiles peak like one (plus outputs)."""
+    model = random_model(**FRAME_NORM)
+    one, five = peak(model, 1, 64, 64, tile=64), peak(model, 1, 64, 256, tile=64)
+    assert five[0] < 1.3 * one[0] and five[1] < 1.3 * one[1], (one, five)
+
+
+def test_attention_gives_sdpa_its_4d_layout(monkeypatch):
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.ndim, q.shape[1]))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(blocks.F, "scaled_dot_product_attention", spy)
+    for attention in (blocks.AttnBlock3D(32), blocks.AttnBlock3DFix(32)):
+        with torch.no_grad():
+            attention(torch.randn(1, 32, 3, 4, 5))
+    assert seen == [(4, 1), (4, 1)]  # (batch, heads = 1, tokens, channels)
+
+
+def test_nothing_the_caller_holds_is_changed_in_place():
+    from cvae_cli.stream import pixels_to_frames
+
+    model = random_model(**FRAME_NORM)
+    x, z = torch.rand(1, 3, 5, 32, 48) * 2 - 1, torch.randn(1, 4, 2, 4, 6)
+    kept = x.clone(), z.clone()
+    with torch.no_grad():
+        model.encode(x, StreamCache())
+        out = model.decode(z)
+    out_kept = out.clone()
+    pixels_to_frames(out, 32, 48)
+    assert torch.equal(x, kept[0]) and torch.equal(z, kept[1]) and torch.equal(out, out_kept)
+
+
+def test_pixels_become_minus_one_to_one_in_float32_before_the_cast():
+    from cvae_cli.stream import frames_to_pixels
+
+    frames = [np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)]
+    got = frames_to_pixels(frames, StreamOptions(dtype=torch.bfloat16))
+    exact = (torch.arange(256, dtype=torch.float64) / 127.5 - 1).to(torch.bfloat16)
+    assert torch.equal(got[0, 0, 0].reshape(-1), exact)
+
+
+def test_tiles_blend_in_float32():
+    from cvae_cli.stream import Tiler
+
+    x = torch.zeros(1, 4, 1, 200, 200, dtype=torch.bfloat16)
+    step = lambda tile, cache: torch.full_like(tile, 0.7)  # every tile says 0.7: so must the blend
+    out = Tiler(64, 1.0, streaming=False).run(step, x, final=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.full_like(out, 0.7))
