@@ -127,7 +127,7 @@ def main(argv=None) -> None:
         else:
             models[name] = prepare(copy.deepcopy(base).use_levers(Levers()), ACCEL[name])
     frames = frames_of(args.frames, w, h)
-    opts = StreamOptions(chunk=args.chunk, device=device, dtype=dtype)
+    opts = StreamOptions(chunk=args.chunk)
     z = torch.cat([m for m, _ in encode_frames(base, frames, opts)], 1)
     n_out = 1 + 4 * (z.shape[1] - 1)
     counted = {name: flops(config, models[name].levers, args.frames, h, w) for name in names}

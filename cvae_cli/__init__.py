@@ -11,8 +11,10 @@ from .model import CausalVAE, CausalVAEConfig, DiagonalGaussian, StreamCache
 _LAZY = {
     "inflate": "inflate", "load_model": "checkpoints", "save_model": "checkpoints",
     "LatentFile": "latents", "LatentMeta": "latents", "LatentWriter": "latents",
-    "StreamOptions": "stream", "encode_frames": "stream", "decode_latents": "stream",
-    "encode_file": "pipeline", "decode_file": "pipeline", "reconstruct_file": "pipeline", "Selection": "pipeline",
+    "StreamOptions": "stream", "choose_options": "stream", "encode_frames": "stream", "decode_latents": "stream",
+    "open_media": "media", "MediaFile": "media", "MediaInfo": "media",
+    "encode_file": "pipeline", "encode_many": "pipeline", "decode_file": "pipeline", "reconstruct_file": "pipeline",
+    "Selection": "pipeline", "read_manifest": "dataset", "run_manifest": "dataset", "Dist": "distributed",
     "psnr": "metrics", "ssim": "metrics",
 }
 

@@ -9,9 +9,11 @@ Three kinds of weights reach this tool:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_path
+from .device import dtype_named
 from .errors import CvaeError
 from .model import CausalVAE, CausalVAEConfig
 
@@ -30,8 +33,6 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 SD_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DEFAULT_SD_VAE = "stabilityai/sd-vae-ft-mse"
 _LOCAL_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 # What a released config.json carries besides the architecture (diffusers' own `_*` fields too).
 TRAINING_ONLY = ("lr", "loss_type", "loss_params")
@@ -224,30 +225,63 @@ def _split_repo(source: str) -> tuple[str, str | None]:
 
 
 def _hub_file(source: str, names: tuple[str, ...], hint: str) -> Path:
-    """The first of `names` in hub repo `owner/name[/subfolder]`, from the cache or downloaded."""
-    from huggingface_hub import hf_hub_download
+    """The first of `names` in hub repo `owner/name[/subfolder]`: from the local cache when it is
+    there (no network asked), else downloaded after one quick check, retries off, that the hub
+    answers at all, so that no network means one line within seconds, not a minute of retries."""
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     repo, sub = _split_repo(source)
-    offline = False
     for name in names:
         try:
-            return Path(hf_hub_download(repo, name, subfolder=sub))
-        except LocalEntryNotFoundError:  # no network (or offline mode) and not in the cache
-            offline = True
+            return Path(hf_hub_download(repo, name, subfolder=sub, local_files_only=True))
+        except (LocalEntryNotFoundError, EntryNotFoundError):
+            continue
+        except ValueError as e:  # HFValidationError: not a repo id at all
+            raise CvaeError(f"{source} is neither a local path nor a Hugging Face repo id: {_one_line(e)}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise CvaeError(f"cannot download {source} from the Hugging Face hub (offline and not in the cache): {hint}")
+    _check_hub_answers(source, hint)
+    for name in names:
+        try:
+            with _hub_logging_quiet():
+                return Path(hf_hub_download(repo, name, subfolder=sub))
+        except LocalEntryNotFoundError:  # the connection went away after the check
+            raise CvaeError(f"cannot download {source} from the Hugging Face hub (no answer): {hint}") from None
         except EntryNotFoundError:  # the repo exists but has no such file
             continue
         except RepositoryNotFoundError:
             raise CvaeError(f"no repository {repo} on the Hugging Face hub (or it is private or gated: "
                             f"log in with `hf auth login`)") from None
-        except ValueError as e:  # HFValidationError: not a repo id at all
-            raise CvaeError(f"{source} is neither a local path nor a Hugging Face repo id: {_one_line(e)}") from None
         except Exception as e:  # HTTP errors, connection errors of requests or httpx, disk full...
             raise CvaeError(f"cannot download {source} from the Hugging Face hub: {_one_line(e)}") from None
-    if offline:
-        raise CvaeError(f"cannot download {source} from the Hugging Face hub (offline and not in the cache): {hint}")
     tip = f" (Open-Sora-Plan keeps its VAE in a subfolder: try {repo}/vae)" if sub is None else ""
     raise CvaeError(f"{source} on the Hugging Face hub has none of {', '.join(names)}{tip}")
+
+
+def _check_hub_answers(source: str, hint: str, timeout_s: float = 5.0) -> None:
+    """One request to the hub's endpoint, no retries: CvaeError when there is no answer at all
+    (no network, no DNS, a firewall). Any HTTP answer, even an error, means the hub is reachable."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except Exception as e:
+        raise CvaeError(f"cannot reach the Hugging Face hub ({constants.ENDPOINT}: {_one_line(e)}) and {source} "
+                        f"is not in the local cache: {hint}") from None
+
+
+@contextlib.contextmanager
+def _hub_logging_quiet():
+    """huggingface-hub logs each retry of a download; one clear line at the end says enough."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def fetch_sd_vae(source: str | Path | None = None) -> Path:
@@ -349,14 +383,6 @@ def _read_model_source(path: Path) -> tuple[dict[str, Any], Path, dict[str, str]
                     f"pass a file written by `cvae inflate` or a folder with config.json")
 
 
-def _to_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise CvaeError(f"unknown dtype {dtype!r} (known: {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
-
-
 def load_model(source: str | Path, *, norm: str | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None) -> CausalVAE:
     """A ready (eval mode) CausalVAE from a folder, a cvae .safetensors or `owner/name[/subfolder]`.
@@ -364,7 +390,7 @@ def load_model(source: str | Path, *, norm: str | None = None, device: str | tor
     `norm` overrides the config's ("clip" in released configs). The weights' identity (`model_id`)
     is taken before any dtype cast, so a bf16 run labels its latents like an fp32 run.
     """
-    where, dtype = str(source), _to_dtype(dtype)
+    where, dtype = str(source), None if dtype is None else dtype_named(dtype)
     if _looks_local(where):
         config, weights, provenance = _read_model_source(Path(source))
     else:

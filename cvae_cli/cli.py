@@ -1,47 +1,97 @@
-"""`cvae`: the command line. Argument parsing and messages only; the work is in the library.
+"""`cvae`: the command line. Arguments, messages and progress only; the work is in the library.
 
-Every user-facing failure is a `CvaeError`, turned into one line and a non-zero exit in
-`CvaeGroup.invoke`; with many inputs, each failure is reported and the others still run.
+Every command is: parse its options, name its outputs (`outputs`: refused before any weights are
+loaded when they would lose or overwrite data), load the model through the one shared preamble
+(`load_engine`), run the jobs (`report`). Every user-facing failure is a `CvaeError`, turned into
+one line and exit status 1 in `CvaeGroup.invoke`; with many inputs, each failure is reported and
+the others still run. Ctrl-C and SIGTERM stop at the next safe point (`interrupt`).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
+import sys
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, ContextManager, Iterable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeRemainingColumn)
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
+from . import interrupt
 from .errors import CvaeError, describe
+from .outputs import check_suffix, expand, name_outputs
 
+if TYPE_CHECKING:
+    from .model import CausalVAE
+    from .pipeline import Selection
+    from .stream import StreamOptions
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("cvae-cli")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _no_flag_metavars(params: list) -> list:
+    """Flags take no value: show none (recent Typer prints `<bool>` beside every flag)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class CvaeCommand(TyperCommand):
+    def get_params(self, ctx):
+        return _no_flag_metavars(super().get_params(ctx))
 
 
 class CvaeGroup(TyperGroup):
-    """Turns `CvaeError` (and Ctrl-C) into one line on stderr and exit status 1; anything else
-    (a bug, a driver failure) into one line and status 2, with the traceback under CVAE_DEBUG=1."""
+    """Runs a command with Ctrl-C and SIGTERM stopping it at a safe point, and turns what escapes
+    into one line on stderr: a `CvaeError` into exit status 1, an interruption into 130 (SIGINT) or
+    143 (SIGTERM), anything else (a bug, a driver failure) into 2, with the traceback under
+    CVAE_DEBUG=1."""
+
+    def get_params(self, ctx):
+        return _no_flag_metavars(super().get_params(ctx))
 
     def invoke(self, ctx: typer.Context):
+        out = Output(prefix=_rank_prefix())
         try:
-            return super().invoke(ctx)
+            with interrupt.signals_stop_at_safe_points():
+                return super().invoke(ctx)
         except CvaeError as e:
-            Output().error(str(e))
+            out.error(str(e))
             raise typer.Exit(1) from None
+        except interrupt.Interrupted as e:
+            out.error(f"{e.reason}: no partial output was kept")
+            raise typer.Exit(e.status) from None
         except KeyboardInterrupt:
-            Output().error("interrupted: no partial output was kept")
+            out.error("interrupted: no partial output was kept")
             raise typer.Exit(130) from None
         except Exception as e:  # a bug or an environment failure: still one line, unless debugging
             if os.environ.get("CVAE_DEBUG") or type(e).__module__.split(".")[0] in ("click", "typer"):
                 raise  # usage errors and exits: Typer prints those itself
             hint = " (try a smaller --chunk or --tile 512)" if "out of memory" in str(e).lower() else ""
-            Output().error(f"{describe(e)}{hint} [set CVAE_DEBUG=1 for the traceback]")
+            out.error(f"{describe(e)}{hint} [set CVAE_DEBUG=1 for the traceback]")
             raise typer.Exit(2) from None
+
+
+def _rank_prefix() -> str:
+    """`[rank r] ` under torchrun, so each process's line says whose it is."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if world not in ("", "1") else ""
 
 
 app = typer.Typer(cls=CvaeGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -50,43 +100,90 @@ app = typer.Typer(cls=CvaeGroup, no_args_is_help=True, add_completion=False, pre
                        "(Open-Sora-Plan's CausalVAE, 4x8x8 compression, 4 latent channels).")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cvae {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(_: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                         help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+def command(fn):
+    return app.command(cls=CvaeCommand)(fn)
+
+
+# --- output ------------------------------------------------------------------------------------
+
 class FpsColumn(ProgressColumn):
     def render(self, task) -> Text:
         return Text(f"{task.speed:.1f} frames/s" if task.speed else "", style="progress.data.speed")
 
 
 class Output:
-    """All printing goes through here, so `--quiet` silences everything but errors."""
+    """All printing goes through here, so `--quiet` silences everything but errors. On a terminal
+    progress is a bar (frames through the model, frames/s, time left); elsewhere (logs, CI) a line
+    every `every_s` seconds."""
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+    every_s = 5.0
+
+    def __init__(self, quiet: bool = False, prefix: str = ""):
+        self.quiet, self.prefix = quiet, prefix
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def info(self, message: str) -> None:
         if not self.quiet:
             self.console.print(message)
 
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[yellow]warning:[/] {escape(message)}")
+
     def error(self, message: str) -> None:
-        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
-        self.console.print(f"{escape(rank)}[bold red]error:[/] {escape(message)}")
+        self.console.print(f"[bold red]error:[/] {escape(self.prefix + message)}")
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         if self.quiet:
             yield lambda n: None
-            return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FpsColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=self.console, transient=True, disable=not self.console.is_terminal) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n: bar.advance(task, n)
+        elif self.console.is_terminal:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FpsColumn(),
+                       TimeRemainingColumn())
+            with Progress(*columns, console=self.console, transient=True) as bar:
+                task = bar.add_task(escape(description), total=total)
+                yield lambda n: bar.advance(task, n)
+        else:
+            yield _Ticker(self, description, total).advance
 
 
-# --- shared options --------------------------------------------------------------------------
+class _Ticker:
+    """Progress for logs: one line every `Output.every_s` seconds, none for a job shorter than that."""
+
+    def __init__(self, out: Output, description: str, total: int | None):
+        self.out, self.description, self.total = out, description, total
+        self.done, self.start = 0, time.monotonic()
+        self.last = self.start
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.out.every_s:
+            self.last = now
+            of = f"/{self.total}" if self.total else ""
+            self.out.info(escape(f"{self.description}: {self.done}{of} frames, "
+                                 f"{self.done / max(now - self.start, 1e-9):.1f} frames/s"))
+
+
+# --- shared options ----------------------------------------------------------------------------
 
 Inputs = Annotated[List[str], typer.Argument(help="Input files (globs allowed).", show_default=False)]
 OutFile = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input only).")]
 OutDir = Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for the outputs of many inputs.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of skipping them.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs instead of skipping them "
+                                                              "(never an input of the command).")]
 Weights = Annotated[Optional[str], typer.Option(
     "--weights", "-w", envvar="CVAE_WEIGHTS", show_default=False,
     help="Model weights: a cvae .safetensors, an Open-Sora-Plan folder, or a hub id like "
@@ -94,13 +191,15 @@ Weights = Annotated[Optional[str], typer.Option(
          "small model.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")]
-Mode = Annotated[str, typer.Option("--mode", help="Time cutting: stream (cached chunks, default), window "
-                                                  "(Open-Sora-Plan's 65-frame windows) or whole (one piece).")]
+Mode = Annotated[str, typer.Option("--mode", help="Time cutting: auto (stream a model that streams exactly, else "
+                                                  "Open-Sora-Plan's 65-frame windows), stream (cached chunks; only "
+                                                  "approximate for clip-norm models), window, or whole (one piece).")]
 Chunk = Annotated[str, typer.Option("--chunk", help="Frames per chunk (multiple of 4), or auto by frame size.")]
 Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels.")]
 Norm = Annotated[Optional[str], typer.Option("--norm", help="Override the model's GroupNorm: clip or frame.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-Frames = Annotated[Optional[str], typer.Option("--frames", help="Frame range A:B (either side optional).")]
+Frames = Annotated[Optional[str], typer.Option("--frames", help="Frame range A:B (either side optional), counted "
+                                                                "after --fps resampling.")]
 Fps = Annotated[Optional[float], typer.Option("--fps", help="Resample to this frame rate.")]
 Size = Annotated[Optional[str], typer.Option("--size", help="Resize to WxH.")]
 MaxSide = Annotated[Optional[int], typer.Option("--max-side", help="Resize so the longer side is at most N.")]
@@ -112,47 +211,17 @@ Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the enco
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
                                        help="Encode up to N inputs of one size together, stacked along the "
                                             "batch: keeps a GPU busy on images and short clips.")]
-Crf = Annotated[int, typer.Option("--crf", help="H.264 quality (0 lossless .. 51; 18 looks lossless).")]
+Crf = Annotated[int, typer.Option("--crf", help="Video quality: H.264 0 (lossless) .. 51, VP9 0 .. 63; "
+                                               "18 looks lossless.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="List what would be done (and what is missing), and stop.")]
 
 
-# --- helpers ---------------------------------------------------------------------------------
+# --- the shared preamble -----------------------------------------------------------------------
 
-def expand(inputs: list[str]) -> list[Path]:
-    paths: list[Path] = []
-    for item in inputs:
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) and not Path(item).exists() else [item]
-        if not matches:
-            raise CvaeError(f"no file matches {item}")
-        paths += [Path(m) for m in matches]
-    return paths
-
-
-def output_for(src: Path, output: Path | None, out_dir: Path | None, suffix: str, count: int) -> Path:
-    if output is not None:
-        if count > 1:
-            raise CvaeError("-o/--output takes one input; use --out-dir for several")
-        return output
-    return (out_dir or src.parent) / (src.stem + suffix)
-
-
-def resolve_device(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CvaeError(f"--device {device}: no CUDA GPU is visible to this torch build")
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if dtype == "auto":
-        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in names:
-        raise CvaeError(f"--dtype {dtype}: use auto, fp32, bf16 or fp16")
-    return device, names[dtype]
-
-
-def load_weights(weights: str | None, device: str, dtype, norm: str | None, fast: bool = False,
-                 compile: bool = False, out: Output | None = None):
+def load_weights(weights: str | None, device, dtype, norm: str | None, fast: bool = False, compile: bool = False,
+                 out: Output | None = None) -> CausalVAE:
+    """The model, on its device in its dtype, with the speed levers asked for. No --weights: the SD
+    VAE `cvae inflate` made, else the built-in small model (said in one line)."""
     from .checkpoints import default_weights, load_model
 
     if weights is None:
@@ -166,19 +235,61 @@ def load_weights(weights: str | None, device: str, dtype, norm: str | None, fast
         from .accel import Acceleration, prepare
 
         prepare(model, Acceleration(channels_last=fast, fused_norm=fast, compile=compile,
-                                    cudnn_benchmark=fast and device.startswith("cuda")))
+                                    cudnn_benchmark=fast and str(device).startswith("cuda")))
     return model
 
 
-def stream_options(mode: str, chunk: str, tile: str, device: str, dtype, size: tuple[int, int]):
-    from .stream import StreamOptions, auto_cut
+@dataclass(frozen=True)
+class Cut:
+    """How the user asked videos to be cut for the model (`auto` fields are chosen per size)."""
 
-    tile_px = tile if tile == "auto" else None if tile == "off" else _int(tile, "--tile")
-    chunk_frames, tile_px = auto_cut(*size, None if chunk == "auto" else _int(chunk, "--chunk"), tile_px)
-    try:
-        return StreamOptions(mode=mode, chunk=chunk_frames, tile=tile_px, device=device, dtype=dtype)
-    except ValueError as e:
-        raise CvaeError(str(e)) from None
+    mode: str = "auto"
+    chunk: int | None = None
+    tile: int | str | None = "auto"
+
+    @classmethod
+    def parse(cls, mode: str, chunk: str, tile: str) -> Cut:
+        from .stream import MODES, StreamOptions
+
+        if mode not in ("auto", *MODES):
+            raise CvaeError(f"--mode {mode}: use auto, {', '.join(MODES)}")
+        cut = cls(mode, None if chunk == "auto" else _int(chunk, "--chunk"),
+                  tile if tile == "auto" else None if tile == "off" else _int(tile, "--tile"))
+        try:  # refuse a bad --chunk or --tile now, not after loading the weights
+            StreamOptions(chunk=cut.chunk or 16, tile=cut.tile if isinstance(cut.tile, int) else None)
+        except ValueError as e:
+            raise CvaeError(str(e)) from None
+        return cut
+
+
+@dataclass
+class Engine:
+    """What encode, decode and reconstruct share: the loaded model and the cut asked for."""
+
+    model: CausalVAE
+    cut: Cut
+
+    def options(self, width: int, height: int) -> StreamOptions:
+        from .stream import choose_options
+
+        try:
+            return choose_options(self.model.config, width, height, self.cut.mode, self.cut.chunk, self.cut.tile)
+        except ValueError as e:
+            raise CvaeError(str(e)) from None
+
+
+def load_engine(out: Output, weights: str | None, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
+                cut: Cut, local_rank: int | None = None) -> Engine:
+    from .device import resolve
+    from .stream import exact_streaming
+
+    dev, dt = resolve(device, dtype, local_rank)
+    model = load_weights(weights, dev, dt, norm, fast, compile, out)
+    if cut.mode == "stream" and not exact_streaming(model.config):
+        out.warn("--mode stream only approximates this model (its norm or attention spans the whole clip); "
+                 "--mode auto cuts it as Open-Sora-Plan does")
+    interrupt.check()  # loading takes a while: a Ctrl-C during it stops here
+    return Engine(model, cut)
 
 
 def _int(text: str, option: str) -> int:
@@ -188,7 +299,8 @@ def _int(text: str, option: str) -> int:
         raise CvaeError(f"{option} {text}: expected a whole number") from None
 
 
-def selection(frames: str | None, fps: float | None, size: str | None, max_side: int | None, allow_partial: bool):
+def selection(frames: str | None, fps: float | None, size: str | None, max_side: int | None,
+              allow_partial: bool) -> Selection:
     from .pipeline import Selection
 
     start, end = 0, None
@@ -206,83 +318,100 @@ def selection(frames: str | None, fps: float | None, size: str | None, max_side:
     return Selection(start=start, end=end, fps=fps, size=wh, max_side=max_side, allow_partial=allow_partial)
 
 
+# --- running many jobs -------------------------------------------------------------------------
+
 Job = tuple[Path, Path]  # (input, output)
 
 
-def run_each(out: Output, jobs: list[Job], overwrite: bool, verb: str,
-             run: Callable[[list[Job], Callable[[int], None]], list], total: Callable[[Path], int | None],
-             batch_size: int = 1, key: Callable[[Path], object] | None = None) -> list:
-    """Run jobs, skipping existing outputs: `run(batch, advance)` does `batch_size` of them at once
-    (those with one `key`) and returns a result or an exception for each. Report every failure and
-    go on; summarise many; exit 1 if any failed."""
-    from .pipeline import batched
+@dataclass
+class Triage:
+    """Jobs sorted before any weights are loaded: to run, skipped (output exists), failed already."""
 
-    results, failures, pending = [], [], []
+    pending: list[Job]
+    skipped: int
+    failed: list[Path]
 
-    def fail(src: Path, error: BaseException):
-        message = describe(error)
-        out.error(message if len(jobs) == 1 or str(src) in message else f"{src}: {message}")
-        failures.append(src)
 
+def triage(out: Output, jobs: list[Job], overwrite: bool, dry_run: bool = False,
+           failed: list[Path] | None = None) -> Triage:
+    """Report missing inputs now; skip existing outputs unless `overwrite`; list the rest."""
+    result = Triage([], 0, list(failed or []))
     for src, dst in jobs:
-        if dst.exists() and not overwrite:
-            out.info(f"[yellow]skip[/] {dst} exists (use --overwrite)")
-        elif not src.exists():
-            fail(src, CvaeError(f"no such file: {src}"))
+        if not src.is_file():
+            result.failed.append(src)
+            out.error(f"no such file: {src}" if not src.exists() else f"{src} is not a file")
+        elif dst.exists() and not overwrite:
+            result.skipped += 1
+            out.info(escape(f"skip {dst} exists (use --overwrite)"))
         else:
-            pending.append((src, dst))
-    for batch in batched(pending, batch_size, key and (lambda job: key(job[0]))):
-        totals = [total(src) for src, _ in batch]
-        name = batch[0][0].name if len(batch) == 1 else f"{len(batch)} files"
-        with out.progress(f"{verb} {escape(name)}", None if None in totals else sum(totals)) as advance:
-            try:
-                outcomes = run(batch, advance)
-            except CvaeError as e:
-                outcomes = [e] * len(batch)
-        for (src, dst), outcome in zip(batch, outcomes):
-            if isinstance(outcome, BaseException):
-                fail(src, outcome)
-                continue
-            results.append(outcome)
-            out.info(f"[green]wrote[/] {dst} ({outcome.frames} frame{'s' if outcome.frames != 1 else ''})")
-    if len(jobs) > 1:
-        out.info(f"{len(results)} done, {len(jobs) - len(results) - len(failures)} skipped, {len(failures)} failed")
+            result.pending.append((src, dst))
+            if dry_run:
+                out.info(escape(f"{src} -> {dst}"))
+    return result
+
+
+def report(out: Output, inputs: int, jobs: Triage, outcomes: Iterable[tuple[int, object]],
+           on_result: Callable[[Path, object], None] | None = None) -> None:
+    """Print each outcome of the pending jobs as it comes, then a summary of many inputs; exit 1
+    if any failed."""
+    done, failures = 0, list(jobs.failed)
+    for k, outcome in outcomes:
+        src, dst = jobs.pending[k]
+        if isinstance(outcome, BaseException):
+            message = describe(outcome)
+            out.error(message if inputs == 1 or str(src) in message else f"{src}: {message}")
+            failures.append(src)
+            continue
+        done += 1
+        if on_result:
+            on_result(src, outcome)
+        out.info(escape(f"wrote {dst} ({outcome.frames} frame{'s' if outcome.frames != 1 else ''})"))
+    if inputs > 1:
+        out.info(f"{done} done, {jobs.skipped} skipped, {len(failures)} failed")
     if failures:
-        if len(jobs) > 1:
+        if inputs > 1:
             for src in failures:
-                out.error(f"failed: {src}")
+                out.error(escape(f"failed: {src}"))
         raise typer.Exit(1)
-    return results
 
 
-def one_at_a_time(job: Callable[[Path, Path, Callable[[int], None]], object]):
-    """A `run` for `run_each` from a job that takes one (input, output)."""
-    return lambda batch, advance: [job(*batch[0], advance)]
+def one_by_one(out: Output, pending: list[Job], verb: str, open_input: Callable[[Path], ContextManager],
+               total: Callable[[object], int | None],
+               run: Callable[[object, Path, Callable[[int], None]], object]) -> Iterator[tuple[int, object]]:
+    """(index, outcome) of each job, in order, its input opened once (`open_input`); a failure of
+    one input is its outcome (`pipeline.per_input`), any other failure ends the run."""
+    from .pipeline import attempt
+
+    for k, (src, dst) in enumerate(pending):
+        interrupt.check()  # between inputs
+        try:
+            opened = open_input(src)
+        except CvaeError as e:
+            yield k, e
+            continue
+        with opened as item, out.progress(f"{verb} {src.name}", total(item)) as advance:
+            outcome = attempt(lambda: [run(item, dst, advance)], 1)[0]
+        yield k, outcome
 
 
-def frame_total(src: Path) -> int | None:
-    from . import media
+# --- commands ----------------------------------------------------------------------------------
 
-    try:
-        info = media.probe(src)
-    except CvaeError:
-        return None
-    return 1 if info.is_image else info.frame_count
-
-
-# --- commands --------------------------------------------------------------------------------
-
-@app.command()
+@command
 def inflate(
     source: Annotated[Optional[str], typer.Option("--from", help="SD VAE: a hub repo id, or a local .safetensors/"
                                                   ".bin/.ckpt in the diffusers or CompVis layout.")] = None,
     init: Annotated[str, typer.Option("--init", help="tail (reconstructs untrained), center, average or random.")] = "tail",
     arch: Annotated[str, typer.Option("--arch", help="v1.0.0 (default) or v1.1.0 (for fine-tuning).")] = "v1.0.0",
     norm: Annotated[str, typer.Option("--norm", help="frame (exact streaming, default) or clip.")] = "frame",
-    output: OutFile = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the weights "
+                                                   "(.safetensors).")] = None,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
     """Make a causal video VAE from the Stable Diffusion image VAE.
+
+    The hub is asked only when the SD VAE is not in the local Hugging Face cache. Existing weights
+    are kept unless --overwrite: latents made with them decode only with them.
 
     Examples:
 
@@ -305,62 +434,92 @@ def inflate(
 
     output = output or data_dir() / (INFLATED_WEIGHTS if init == "tail" and arch == "v1.0.0" and norm == "frame"
                                      else f"cvae-{init}-{arch}-{norm}.safetensors")
+    check_suffix(output, [".safetensors"], "weights")
+    if output.exists() and not overwrite:
+        raise CvaeError(f"{output} exists: pass --overwrite to replace it (latents made with it will then "
+                        "decode only with a copy of it)")
     path = fetch_sd_vae(source)
+    if source and Path(output).resolve() == Path(path).resolve():
+        raise CvaeError(f"{output} is the input of this command: refusing to write over it")
     model = inflate_sd(path, init=init, norm=norm, arch=arch)
     model.provenance["source"] = source or DEFAULT_SD_VAE
     save_model(model, output)
     params = sum(p.numel() for p in model.parameters())
-    out.info(f"[green]wrote[/] {output} ({output.stat().st_size / 2**20:.1f} MiB, {params / 1e6:.1f} M parameters, "
-             f"init {init}, arch {arch}, norm {norm})")
+    out.info(escape(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {params / 1e6:.1f} M parameters, "
+                    f"init {init}, arch {arch}, norm {norm})"))
 
 
-@app.command()
+@command
 def info(files: Inputs):
-    """Show what a weights file or a latent file holds.
+    """Describe files: latents and weights (what cvae writes and reads), and videos and images
+    (size, frames, frame rate, codec, as ffprobe would).
 
     Examples:
 
     ```
-        cvae info weights/cvae-tail.safetensors
         cvae info clip.safetensors
+        cvae info ~/.local/share/cvae/cvae-tail.safetensors
+        cvae info clip.mp4 photo.jpg
     ```
     """
-    from safetensors import safe_open
-
-    from .checkpoints import weights_info
-    from .latents import LatentFile
-
     console = Console(highlight=False, soft_wrap=True)
     for path in expand(files):
         if not path.exists():
             raise CvaeError(f"no such file: {path}")
-        keys = {}
-        if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), "pt") as f:
-                    keys = f.metadata() or {}
-            except Exception as e:
-                raise CvaeError(f"{path} is not a readable safetensors file: {e}") from None
+        for line in _describe(path):
+            console.print(escape(line))
+
+
+_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def _describe(path: Path) -> Iterator[str]:
+    from . import media
+    from .checkpoints import weights_info
+    from .latents import LatentFile
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = f.metadata() or {}
+        except Exception as e:
+            raise CvaeError(f"{path} is not a readable safetensors file: {e}") from None
         if any(k.startswith("cvae.") for k in keys):
-            latent = LatentFile.open(path)
-            meta = latent.meta
-            console.print(f"[bold]{path}[/]: latents {tuple(latent.shape)} ({'with' if latent.has_logvar else 'no'} logvar)")
-            for k, v in vars(meta).items():
-                if k == "frame_times" and v is not None:
-                    console.print(f"  {k}: {len(v)} times over {float(v[-1]):.3f} s (variable frame rate)")
-                elif k not in ("model_config", "frame_times"):
-                    console.print(f"  {k}: {v}")
-            continue
+            with LatentFile.open(path) as latent:
+                yield f"{path}: latents {tuple(latent.shape)} ({'with' if latent.has_logvar else 'no'} logvar)"
+                for k, v in vars(latent.meta).items():
+                    if k == "frame_times" and v is not None:
+                        yield f"  {k}: {len(v)} times over {float(v[-1]):.3f} s (variable frame rate)"
+                    elif k not in ("model_config", "frame_times"):
+                        yield f"  {k}: {v}"
+            return
+    if path.is_dir() or path.suffix in (".safetensors", *_WEIGHT_SUFFIXES):
         info = weights_info(path)
-        console.print(f"[bold]{path}[/]: weights, {info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}")
+        yield f"{path}: weights, {info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}"
         for k in ("init", "arch", "source", "model_id", "format_version"):
             if k in info:
-                console.print(f"  {k}: {info[k]}")
+                yield f"  {k}: {info[k]}"
         if info.get("config"):
-            console.print(f"  config: {json.dumps(info['config'], sort_keys=True)}")
+            yield f"  config: {json.dumps(info['config'], sort_keys=True)}"
+        return
+    try:
+        m = media.probe(path)
+    except CvaeError as e:
+        raise CvaeError(f"{e} (cvae info describes videos, images, latents and weights)") from None
+    if m.is_image:
+        yield f"{path}: image, {m.width}x{m.height}, {m.codec}"
+        return
+    frames = f"{m.frame_count} (as the container says)" if m.frame_count else "not stated by the container"
+    yield f"{path}: video, {m.width}x{m.height}, {m.codec}"
+    yield f"  frames: {frames}"
+    yield f"  fps: {m.fps} ({float(m.fps):.3f})" if m.fps else "  fps: unknown"
+    if m.rotation:
+        yield f"  rotation: {m.rotation} degrees (applied when read)"
 
 
-@app.command()
+@command
 def encode(
     inputs: Annotated[Optional[List[str]], typer.Argument(help="Input files (globs allowed); none with --manifest.",
                                                           show_default=False)] = None,
@@ -371,11 +530,11 @@ def encode(
                            "`fps`, `size`, `output`), paths relative to the manifest's folder. Outputs mirror them "
                            "under --out-dir; complete ones are skipped (resumable); failures go to "
                            "failures.jsonl, totals to summary.json. Under torchrun, ranks share the clips.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --manifest: list what would be done, and stop.")] = False,
+    dry_run: DryRun = False,
     weights: Weights = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    mode: Mode = "stream",
+    mode: Mode = "auto",
     chunk: Chunk = "auto",
     tile: Tile = "auto",
     norm: Norm = None,
@@ -386,19 +545,24 @@ def encode(
     fps: Fps = None,
     size: Size = None,
     max_side: MaxSide = None,
-    sample: Annotated[bool, typer.Option("--sample", help="Store a posterior sample instead of its mean.")] = False,
+    sample: Annotated[bool, typer.Option("--sample", help="Store a posterior sample instead of its mean "
+                                                          "(the same for any --chunk).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --sample.")] = 0,
     save_logvar: Annotated[bool, typer.Option("--save-logvar", help="Also store the posterior log-variance.")] = False,
     allow_partial: AllowPartial = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
-    """Encode videos or images to latent files (.safetensors).
+    """Encode videos or images to latent files (.safetensors), named after their inputs.
+
+    Audio and alpha are dropped; --frames counts frames after --fps resampling. Two inputs that
+    would write one output (`a.jpg` and `a.png`, or `x/b.jpg` and `y/b.jpg` with --out-dir) are
+    refused before any work starts.
 
     Examples:
 
     ```
-        cvae encode clip.mp4 -o clip.safetensors
+        cvae encode clip.mp4                           # -> clip.safetensors
         cvae encode 'videos/*.mp4' --out-dir latents/ --max-side 512 --fps 24
         cvae encode 'images/*.jpg' --out-dir latents/ --size 512x512 --batch-size 32
         cvae encode photo.png --weights LanguageBind/Open-Sora-Plan-v1.1.0/vae
@@ -406,64 +570,71 @@ def encode(
         torchrun --nproc_per_node 8 -m cvae_cli encode --manifest clips.csv --out-dir latents/
     ```
     """
-    from .pipeline import encode_files, size_key
-
     out = Output(quiet)
+    select = selection(frames, fps, size, max_side, allow_partial)
+    cut = Cut.parse(mode, chunk, tile)
+    seed_or_none = seed if sample else None
     if manifest is not None:
-        from . import batch
-
         if inputs or output is not None or out_dir is None:
             raise CvaeError("--manifest takes no input files and no -o; it needs --out-dir")
-        clips = batch.read_manifest(manifest)
-        dist = batch.Dist.from_env()
-        dev, dt = resolve_device(dist.device(device), dtype)
-        select = selection(frames, fps, size, max_side, allow_partial)
-        with dist.session(dev):
-            plan = batch.make_plan(clips, out_dir, dist, overwrite)
-            if dry_run:
-                if dist.rank == 0:
-                    for line in plan.lines():
-                        typer.echo(line)
-                return
-            model = load_weights(weights, dev, dt, norm, fast, compile, out)
-
-            def clip_options(src: Path, sel):
-                return stream_options(mode, chunk, tile, dev, dt, sel.model_size(src))
-
-            # one process on a terminal: a bar per clip; else (logs, torchrun) one line per clip,
-            # prefixed with the rank, written whole so processes never interleave mid-line
-            bars = dist.world == 1 and out.console.is_terminal
-            note = (lambda m: None) if quiet else (out.info if bars else batch.line_writer(dist.rank, dist.world))
-            mine, failures = batch.run_plan(model, plan, clip_options, select, rank=dist.rank,
-                                            seed=seed if sample else None, save_logvar=save_logvar,
-                                            overwrite=overwrite, batch_size=batch_size, note=lambda m: note(escape(m) if bars else m),
-                                            progress=(lambda name, total: out.progress(f"encoding {escape(name)}", total))
-                                            if bars else None)
-            summary = batch.finish(dist, out_dir, mine, failures)
-            if dist.rank == 0:
-                out.info(escape(f"{summary.line()} -> {out_dir / 'summary.json'}"))
-                if summary.failed:
-                    out.error(f"{summary.failed} clip(s) failed: see {out_dir / 'failures.jsonl'}")
-        if summary.failed and dist.rank == 0:  # rank 0 speaks for the run; the others exit 0
-            raise typer.Exit(1)
-        return
+        return encode_manifest(out, manifest, out_dir, dry_run, select, cut, weights, device, dtype, norm, fast,
+                               compile, seed_or_none, save_logvar, overwrite, batch_size)
     if not inputs:
         raise CvaeError("give input files, or --manifest")
-    paths = expand(inputs)
-    dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm, fast, compile, out)
-    select = selection(frames, fps, size, max_side, allow_partial)
+    if output is not None:
+        check_suffix(output, [".safetensors"], "latents")
+    jobs = name_outputs(expand(inputs), output, out_dir, lambda src: src.stem + ".safetensors")
+    todo = triage(out, jobs, overwrite, dry_run)
+    if dry_run:
+        raise typer.Exit(1 if todo.failed else 0)
+    outcomes: Iterable = ()
+    if todo.pending:
+        from .pipeline import encode_many
 
-    def run(batch: list[Job], advance):
-        options = stream_options(mode, chunk, tile, dev, dt, select.model_size(batch[0][0]))
-        return encode_files(model, [(src, dst, select) for src, dst in batch], options,
-                            seed=seed if sample else None, save_logvar=save_logvar, progress=advance)
-
-    jobs = [(p, output_for(p, output, out_dir, ".safetensors", len(paths))) for p in paths]
-    run_each(out, jobs, overwrite, "encoding", run, frame_total, batch_size, lambda src: size_key(src, select))
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
+        outcomes = encode_many(engine.model, [(src, dst, select) for src, dst in todo.pending], engine.options,
+                               batch_size=batch_size, seed=seed_or_none, save_logvar=save_logvar,
+                               progress=lambda name, total: out.progress(f"encoding {name}", total))
+    report(out, len(jobs), todo, outcomes)
 
 
-@app.command()
+def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, select: Selection, cut: Cut,
+                    weights: str, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
+                    seed: int | None, save_logvar: bool, overwrite: bool, batch_size: int) -> None:
+    """`encode --manifest`: one process, or this rank's share under torchrun (see `dataset`)."""
+    from . import dataset
+    from .distributed import Dist
+
+    clips = dataset.read_manifest(manifest)
+    dist = Dist.from_env()
+    with dist.session(dist.device(device)):
+        if dry_run:
+            plan = dataset.make_plan(clips, out_dir, dist, overwrite)
+            if dist.rank == 0:
+                for line in plan.lines():
+                    typer.echo(line)
+            return
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, dist.local_rank)
+        # one process: a bar (or a line every few seconds) per clip, and the per-clip lines; under
+        # torchrun the per-clip lines only, prefixed with the rank, each written whole so that
+        # processes never interleave mid-line
+        if dist.world == 1:
+            note = lambda m: out.info(escape(m))  # noqa: E731
+            progress = lambda name, total: out.progress(f"encoding {name}", total)  # noqa: E731
+        else:
+            note, progress = dataset.line_writer(dist.rank, dist.world), None
+        note = (lambda m: None) if out.quiet else note
+        summary = dataset.run_manifest(engine.model, clips, out_dir, engine.options, select, dist=dist, seed=seed,
+                                       save_logvar=save_logvar, overwrite=overwrite, batch_size=batch_size,
+                                       note=note, progress=progress)
+    if dist.rank == 0:
+        out.info(escape(f"{summary.line()} -> {out_dir / 'summary.json'}"))
+        if summary.failed:
+            out.error(f"{summary.failed} clip(s) failed: see {out_dir / 'failures.jsonl'}")
+            raise typer.Exit(1)  # rank 0 speaks for the run; the others exit 0
+
+
+@command
 def decode(
     inputs: Inputs,
     output: OutFile = None,
@@ -471,57 +642,67 @@ def decode(
     weights: Weights = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    mode: Mode = "stream",
+    mode: Mode = "auto",
     chunk: Chunk = "auto",
     tile: Tile = "auto",
     norm: Norm = None,
     fast: Fast = False,
     compile: Compile = False,
     crf: Crf = 18,
-    force: Annotated[bool, typer.Option("--force", help="Decode latents made by other weights anyway.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Decode latents made by other weights of the same "
+                                                        "architecture anyway.")] = False,
+    dry_run: DryRun = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
-    """Decode latent files to mp4 (H.264, yuv420p) at their original size and frame rate; a
-    single-frame latent decodes to png.
+    """Decode latent files at their original size and frame rate: X.safetensors -> X.decoded.mp4
+    (a video's latent, even of one frame, decodes to a video; an image's to X.decoded.png).
+
+    The container and codec follow the output's suffix: .mp4, .mov, .mkv hold H.264 (4:2:0), .webm
+    holds VP9. H.264 4:2:0 codes even sides only: an odd width or height is written one repeated
+    edge pixel larger, with the true size in a tag that cvae reads back (.webm keeps it exactly).
 
     Examples:
 
     ```
-        cvae decode clip.safetensors -o clip.mp4
+        cvae decode clip.safetensors                   # -> clip.decoded.mp4
+        cvae decode clip.safetensors -o clip.webm
         cvae decode 'latents/*.safetensors' --out-dir decoded/ --crf 12
     ```
     """
     from .latents import LatentFile
-    from .pipeline import decode_file
+    from .pipeline import check_output_kind, decode_file
 
     out = Output(quiet)
+    cut = Cut.parse(mode, chunk, tile)
     paths = expand(inputs)
-    dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm, fast, compile, out)
+    latents: dict[Path, LatentFile] = {}
+    unreadable = []
+    for p in paths:  # opened once: the metadata names the output, the job decodes from it
+        if p.is_file():
+            try:
+                latents[p] = LatentFile.open(p)
+            except CvaeError as e:
+                out.error(str(e))
+                unreadable.append(p)
+    kind = {p: ".png" if f.meta.fps is None else ".mp4" for p, f in latents.items()}
+    if output is not None and len(latents) == 1:
+        check_output_kind(output, image=kind[next(iter(latents))] == ".png")
+    readable = [p for p in paths if p not in unreadable]
+    jobs = name_outputs(readable, output, out_dir, lambda src: src.stem + ".decoded" + kind.get(src, ".mp4"))
+    todo = triage(out, jobs, overwrite, dry_run, failed=unreadable)
+    if dry_run:
+        raise typer.Exit(1 if todo.failed else 0)
+    outcomes: Iterable = ()
+    if todo.pending:
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
+        outcomes = one_by_one(out, todo.pending, "decoding", latents.__getitem__, lambda latent: latent.meta.frames,
+                              lambda latent, dst, advance: decode_file(engine.model, latent, dst, engine.options,
+                                                                       crf=crf, force=force, progress=advance))
+    report(out, len(paths), todo, outcomes)
 
-    def suffix(p: Path) -> str:
-        try:
-            return ".png" if LatentFile.open(p).meta.fps is None else ".mp4"
-        except CvaeError:
-            return ".mp4"
 
-    def job(src: Path, dst: Path, advance):
-        meta = LatentFile.open(src).meta
-        options = stream_options(mode, chunk, tile, dev, dt, (meta.width, meta.height))
-        return decode_file(model, src, dst, options, crf=crf, force=force, progress=advance)
-
-    def total(src: Path):
-        try:
-            return LatentFile.open(src).meta.frames
-        except CvaeError:
-            return None
-
-    jobs = [(p, output_for(p, output, out_dir, suffix(p), len(paths))) for p in paths]
-    run_each(out, jobs, overwrite, "decoding", one_at_a_time(job), total)
-
-
-@app.command()
+@command
 def reconstruct(
     inputs: Inputs,
     output: OutFile = None,
@@ -529,7 +710,7 @@ def reconstruct(
     weights: Weights = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    mode: Mode = "stream",
+    mode: Mode = "auto",
     chunk: Chunk = "auto",
     tile: Tile = "auto",
     norm: Norm = None,
@@ -543,10 +724,13 @@ def reconstruct(
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input and reconstruction side by side.")] = False,
     metrics_json: Annotated[Optional[Path], typer.Option("--metrics-json", help="Save per-frame PSNR/SSIM here.")] = None,
     allow_partial: AllowPartial = False,
+    dry_run: DryRun = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
-    """Encode and decode in one pass and score the result (PSNR, SSIM against the input).
+    """Encode and decode in one pass and score the result (PSNR, SSIM against the input):
+    X.mp4 -> X.recon.mp4, an image -> X.recon.png. Audio and alpha are dropped; --frames counts
+    frames after --fps resampling.
 
     Examples:
 
@@ -560,34 +744,44 @@ def reconstruct(
     from .pipeline import reconstruct_file
 
     out = Output(quiet)
-    paths = expand(inputs)
-    dev, dt = resolve_device(device, dtype)
-    model = load_weights(weights, dev, dt, norm, fast, compile, out)
     select = selection(frames, fps, size, max_side, allow_partial)
-    report = {}
+    cut = Cut.parse(mode, chunk, tile)
+    paths = expand(inputs)
+    if metrics_json is not None:
+        check_suffix(metrics_json, [".json"], "metrics")
+    jobs = name_outputs(paths, output, out_dir,
+                        lambda src: src.stem + ".recon" + (".png" if media.is_image(src) else ".mp4"))
+    todo = triage(out, jobs, overwrite, dry_run)
+    if dry_run:
+        raise typer.Exit(1 if todo.failed else 0)
+    scores = {}
 
-    def job(src: Path, dst: Path, advance):
-        options = stream_options(mode, chunk, tile, dev, dt, select.model_size(src))
-        result = reconstruct_file(model, src, dst, options, select,
-                                  crf=crf, side_by_side=side_by_side, progress=advance)
+    def keep_score(src: Path, result) -> None:
         m = result.metrics
-        out.info(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {len(m.psnr)} frames")
-        report[str(src)] = {**m.summary(), "psnr_per_frame": m.psnr, "ssim_per_frame": m.ssim}
-        return result
+        out.info(escape(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {len(m.psnr)} frames"))
+        scores[str(src)] = {**m.summary(), "psnr_per_frame": m.psnr, "ssim_per_frame": m.ssim}
 
-    def suffix(p: Path) -> str:
-        return ".recon" + (".png" if media.is_image(p) else ".mp4")
-
-    jobs = [(p, output_for(p, output, out_dir, suffix(p), len(paths))) for p in paths]
+    outcomes: Iterable = ()
+    if todo.pending:
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
+        outcomes = one_by_one(out, todo.pending, "reconstructing", media.open_media,
+                              lambda source: select.expected_frames(source.info),
+                              lambda source, dst, advance: reconstruct_file(
+                                  engine.model, source, dst, engine.options, select, crf=crf,
+                                  side_by_side=side_by_side, progress=advance))
     try:
-        run_each(out, jobs, overwrite, "reconstructing", one_at_a_time(job), frame_total)
+        report(out, len(paths), todo, outcomes, on_result=keep_score)
     finally:
-        if metrics_json and report:
+        if metrics_json and scores:
             with atomic_path(metrics_json) as tmp:
-                tmp.write_text(json.dumps(report, indent=1, default=float))
+                tmp.write_text(json.dumps(scores, indent=1, default=float))
 
 
-@app.command()
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
+
+
+@command
 def train(
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoint.pt, loss.csv, loss.png, samples-STEP.png, "
                                                     "final.safetensors. Run the same command again to resume.")],
@@ -650,7 +844,7 @@ def train(
         torchrun --nproc_per_node 8 -m cvae_cli train --weights w.safetensors --data clips/ --out runs/big -b 4
     ```
     """
-    from .batch import Dist
+    from .distributed import Dist
     from .train import Report, Start, TrainOptions, train as run_training
 
     out_ = Output(quiet)
@@ -706,7 +900,7 @@ def training_progress(out: Output, steps: int, enabled: bool):
                      advance=lambda step, total: bar.update(task, completed=step))
 
 
-@app.command()
+@command
 def plot(
     runs: Annotated[List[Path], typer.Argument(help="`cvae train --out` folders (or their loss.csv).", show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="Image to write (.png, .svg, .pdf).")],
@@ -730,7 +924,8 @@ def plot(
     from .plot import plot_runs
 
     out = Output(quiet)
+    check_suffix(output, [".png", ".svg", ".pdf"], "figures")
     if output.exists() and not overwrite:
-        raise CvaeError(f"{output} exists (use --overwrite)")
+        raise CvaeError(f"{output} exists: pass --overwrite to replace it")
     plot_runs(runs, output, tuple(column or ("loss", "val_psnr")), label, title)
     out.info(f"[green]wrote[/] {escape(str(output))}")

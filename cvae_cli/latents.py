@@ -15,7 +15,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,19 +23,21 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_stale, temp_beside
+from .device import DTYPES
 from .errors import CvaeError
+from .model.config import CausalVAEConfig
 
 FORMAT_VERSION = 1
 DEFAULT_SCALING_FACTOR = 0.18215
 _PREFIX = "cvae."
 _COPY_BLOCK_BYTES = 64 << 20  # bytes copied per write when assembling the file
 
-# name -> (torch dtype, safetensors dtype tag, numpy dtype holding the same bytes)
-_DTYPES = {
-    "float32": (torch.float32, "F32", np.float32),
-    "float16": (torch.float16, "F16", np.float16),
-    "bfloat16": (torch.bfloat16, "BF16", np.uint16),  # numpy has no bf16: move raw bits
+# stored dtype -> (safetensors dtype tag, numpy dtype holding the same bytes)
+_STORAGE = {
+    "float32": ("F32", np.float32),
+    "float16": ("F16", np.float16),
+    "bfloat16": ("BF16", np.uint16),  # numpy has no bf16: move raw bits
 }
 
 
@@ -69,7 +70,7 @@ def _parse_bool(s: str) -> bool:
 
 
 def _parse_dtype(s: str) -> str:
-    if s not in _DTYPES:
+    if s not in _STORAGE:
         raise ValueError(s)
     return s
 
@@ -144,18 +145,53 @@ class LatentMeta:
                                 f"(metadata {key} = {md[key]!r} is invalid)") from None
         return cls(**values)
 
+    def config(self, where: str = "latent file") -> CausalVAEConfig:
+        """The config of the model that made the latent."""
+        try:
+            return CausalVAEConfig.from_dict(json.loads(self.model_config))
+        except (ValueError, TypeError, AttributeError):
+            raise CvaeError(f"{where} is not a cvae latent file (metadata cvae.model_config is invalid)") from None
+
     @property
     def latent_channels(self) -> int:
         """The config's `embed_dim` (4 for every released model)."""
-        try:
-            return int(json.loads(self.model_config).get("embed_dim", 4))
-        except (ValueError, TypeError, AttributeError):
-            return 4
+        return self.config().embed_dim
+
+    def latent_shape(self, where: str = "latent file") -> tuple[int, int, int, int]:
+        """The (C, T', H', W') this metadata describes; CvaeError when its fields disagree."""
+        cfg = self.config(where)
+        ft, fs = cfg.time_compression, cfg.space_compression
+        padded = (1 + ft * math.ceil(max(self.frames - 1, 0) / ft), fs * math.ceil(self.height / fs),
+                  fs * math.ceil(self.width / fs))
+        if min(self.frames, self.height, self.width) < 1 or \
+                (self.padded_frames, self.padded_height, self.padded_width) != padded:
+            raise CvaeError(f"{where}: its metadata disagrees with itself ({self.frames} frames of "
+                            f"{self.width}x{self.height} pad to {padded[0]} of {padded[2]}x{padded[1]}, not "
+                            f"{self.padded_frames} of {self.padded_width}x{self.padded_height})")
+        if self.frame_times is not None and len(self.frame_times) != self.frames:
+            raise CvaeError(f"{where}: it lists {len(self.frame_times)} frame times for {self.frames} frames")
+        return cfg.embed_dim, (padded[0] - 1) // ft + 1, padded[1] // fs, padded[2] // fs
 
 
-def check_compatible(meta: LatentMeta, model_id: str, where: str = "latent file") -> None:
-    """Raise when the latent was made by other weights; the CLI decides whether to call this."""
-    if meta.model_id != model_id:
+def _latent_interface(config: CausalVAEConfig) -> dict[str, int]:
+    """What a latent must agree on with the model that decodes it: its channels and how many
+    frames and pixels each latent stands for."""
+    return {"latent channels": config.embed_dim, "time compression": config.time_compression,
+            "space compression": config.space_compression}
+
+
+def check_compatible(meta: LatentMeta, model_id: str, config: CausalVAEConfig | None = None,
+                     where: str = "latent file", force: bool = False) -> None:
+    """Raise when the latent was made by other weights (unless `force`), and always when it was
+    made by a model whose latents mean other sizes or channels (it would decode to the wrong
+    size, or not at all)."""
+    if config is not None:
+        ours, theirs = _latent_interface(config), _latent_interface(meta.config(where))
+        differ = [f"{k} {theirs[k]}, not {ours[k]}" for k in ours if ours[k] != theirs[k]]
+        if differ:
+            raise CvaeError(f"{where} was encoded by another architecture ({'; '.join(differ)}): pass the "
+                            "--weights that made it (--force cannot decode it)")
+    if meta.model_id != model_id and not force:
         raise CvaeError(f"{where} was encoded with weights {meta.model_id}, but the loaded weights "
                         f"are {model_id} (pass --weights for the matching ones, or --force)")
 
@@ -171,23 +207,22 @@ class LatentWriter:
     def __init__(self, path: str | os.PathLike, meta: LatentMeta, with_logvar: bool = False):
         if sys.byteorder != "little":
             raise CvaeError("writing latent files needs a little-endian machine")
-        if meta.dtype not in _DTYPES:
+        if meta.dtype not in _STORAGE:
             raise ValueError(f"unsupported latent dtype {meta.dtype!r}")
         self.path, self.meta = Path(path), meta
         self.names = ("latent", "logvar") if with_logvar else ("latent",)
-        self._torch_dtype, self._tag, self._np_dtype = _DTYPES[meta.dtype]
+        self._torch_dtype = DTYPES[meta.dtype]
+        self._tag, self._np_dtype = _STORAGE[meta.dtype]
         self._chw: tuple[int, int, int] | None = None
         self.frames = 0
         self._raw: dict[str, tuple[Path, object]] = {}
+        remove_stale(self.path)  # what a killed writer of this output left
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             for name in self.names:
-                fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".{name}.raw",
-                                           dir=self.path.parent)
-                self._raw[name] = (Path(tmp), os.fdopen(fd, "wb"))
-        except OSError as e:
+                self._raw[name] = temp_beside(self.path, f"{name}.raw")
+        except CvaeError:
             self.abort()
-            raise CvaeError(f"cannot write {self.path}: {e.strerror or e}") from None
+            raise
 
     def append(self, latent: torch.Tensor, logvar: torch.Tensor | None = None) -> None:
         if (logvar is not None) != ("logvar" in self.names):
@@ -257,45 +292,48 @@ class LatentWriter:
             self.abort()
 
 
-@contextlib.contextmanager
 def _open_safetensors(path: Path):
+    """A memory-mapped safetensors handle (no file descriptor stays open)."""
     if not path.exists():
         raise CvaeError(f"{path} does not exist")
     try:
         from safetensors import safe_open
-        handle = safe_open(str(path), framework="pt")
+        return safe_open(str(path), framework="pt")
     except Exception as e:  # SafetensorError, OSError, ...: say what the library said
         raise CvaeError(f"{path} is not a readable safetensors file: {e}") from None
-    with handle as f:
-        yield f
 
 
-@dataclass(frozen=True)
 class LatentFile:
-    """An opened latent file: metadata and shape are read eagerly, tensors only on request."""
+    """An opened latent file: metadata and shapes are read and checked against each other on
+    opening, tensors on request, from the same memory map. Pass it along rather than its path."""
 
-    path: Path
-    meta: LatentMeta
-    shape: tuple[int, int, int, int]  # (C, T', H', W')
-    has_logvar: bool
+    def __init__(self, path: Path, meta: LatentMeta, shape: tuple[int, int, int, int], has_logvar: bool, handle):
+        self.path, self.meta, self.shape, self.has_logvar = path, meta, shape, has_logvar
+        self._handle = handle
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> LatentFile:
+        """CvaeError unless `path` is a cvae latent file whose tensors have the shape its
+        metadata describes (a file that says 96x128 but holds 80x80 latents is refused)."""
         path = Path(path)
-        with _open_safetensors(path) as f:
-            meta = LatentMeta.from_metadata(f.metadata(), where=str(path))
-            keys = set(f.keys())
-            if "latent" not in keys:
-                raise CvaeError(f"{path} has no 'latent' tensor")
-            shape = tuple(f.get_slice("latent").get_shape())
-            if len(shape) != 4:
-                raise CvaeError(f"{path}: 'latent' has shape {shape}, expected (C, T, H, W)")
-            if shape[0] != meta.latent_channels:
-                raise CvaeError(f"{path}: 'latent' has {shape[0]} channels, expected {meta.latent_channels}")
-            has_logvar = "logvar" in keys
-            if has_logvar and tuple(f.get_slice("logvar").get_shape()) != shape:
-                raise CvaeError(f"{path}: 'logvar' and 'latent' have different shapes")
-        return cls(path, meta, shape, has_logvar)
+        f = _open_safetensors(path)
+        meta = LatentMeta.from_metadata(f.metadata(), where=str(path))
+        keys = set(f.keys())
+        if "latent" not in keys:
+            raise CvaeError(f"{path} has no 'latent' tensor")
+        shape = tuple(f.get_slice("latent").get_shape())
+        if len(shape) != 4:
+            raise CvaeError(f"{path}: 'latent' has shape {shape}, expected (C, T, H, W)")
+        expected = meta.latent_shape(str(path))
+        if shape[0] != expected[0]:
+            raise CvaeError(f"{path}: 'latent' has {shape[0]} channels, expected {expected[0]}")
+        if shape != expected:
+            raise CvaeError(f"{path}: 'latent' has shape {shape}, but its metadata ({meta.frames} frames of "
+                            f"{meta.width}x{meta.height}) needs {expected}")
+        has_logvar = "logvar" in keys
+        if has_logvar and tuple(f.get_slice("logvar").get_shape()) != shape:
+            raise CvaeError(f"{path}: 'logvar' and 'latent' have different shapes")
+        return cls(path, meta, shape, has_logvar, f)
 
     @property
     def frames(self) -> int:
@@ -308,20 +346,31 @@ class LatentFile:
 
     def read(self, dtype: torch.dtype = torch.float32, tensor: str = "latent") -> torch.Tensor:
         """The whole tensor (C, T', H', W'); for long videos prefer `iter_chunks`."""
-        self._check(tensor)
-        with _open_safetensors(self.path) as f:
-            return f.get_tensor(tensor).to(dtype)
+        return torch.cat(list(self.iter_chunks(max(1, self.frames), dtype, tensor)), dim=1)
 
     def iter_chunks(self, frames_per_chunk: int, dtype: torch.dtype = torch.float32,
                     tensor: str = "latent") -> Iterator[torch.Tensor]:
-        """Yield (C, t, H', W') slices of at most `frames_per_chunk` latent frames, in order."""
+        """Yield (C, t, H', W') slices of at most `frames_per_chunk` latent frames, in order;
+        CvaeError at a slice holding NaN or infinite values (which would decode to black)."""
         if frames_per_chunk < 1:
             raise ValueError("frames_per_chunk must be >= 1")
         self._check(tensor)
-        with _open_safetensors(self.path) as f:
-            sl = f.get_slice(tensor)
-            for t0 in range(0, self.frames, frames_per_chunk):
-                yield sl[:, t0:t0 + frames_per_chunk].to(dtype)
+        sl = self._handle.get_slice(tensor)
+        for t0 in range(0, self.frames, frames_per_chunk):
+            chunk = sl[:, t0:t0 + frames_per_chunk]
+            if not torch.isfinite(chunk).all():
+                raise CvaeError(f"{self.path}: '{tensor}' holds NaN or infinite values (latent frames "
+                                f"{t0}..{t0 + chunk.shape[1] - 1}): the file is damaged")
+            yield chunk.to(dtype)
+
+    def close(self) -> None:
+        self._handle = None
+
+    def __enter__(self) -> LatentFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def save(path: str | os.PathLike, latent: torch.Tensor, meta: LatentMeta,

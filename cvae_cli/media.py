@@ -1,13 +1,15 @@
 """Frames in and out of containers and images: PyAV for video, Pillow for stills. No torch here.
 
 A frame is a numpy uint8 array (H, W, 3), RGB, upright: rotation metadata and EXIF orientation are
-applied to the pixels, so callers never look at metadata. Videos are streamed frame by frame.
+applied to the pixels, so callers never look at metadata. Audio and alpha are dropped. Videos are
+streamed frame by frame; `open_media` opens a file once and gives its `MediaInfo` and then its
+frames from the same open container.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import heapq
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +25,9 @@ from .atomic import atomic_path
 from .errors import CvaeError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+# What VideoWriter writes, by suffix: (container format, codec). H.264 4:2:0 needs even sides, VP9 does not.
+VIDEO_FORMATS = {".mp4": ("mp4", "libx264"), ".mov": ("mov", "libx264"), ".mkv": ("matroska", "libx264"),
+                 ".webm": ("webm", "libvpx-vp9")}
 # Pillow opens these, but they are animations: they go through PyAV as videos.
 _PIL_ANIMATION_FORMATS = frozenset({"GIF", "FLI"})
 # Container tag holding the size the caller asked for when VideoWriter padded an odd size to even.
@@ -47,6 +52,7 @@ class MediaInfo:
     is_image: bool
     rotation: int = 0  # degrees counter-clockwise applied to the stored pixels (0, 90, 180, 270)
     time_base: Fraction | None = None  # the unit of the video's timestamps; None for stills
+    codec: str | None = None  # the video codec (h264, vp9, ...), or the image format (PNG, JPEG, ...)
 
 
 def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -66,90 +72,119 @@ def is_image(path) -> bool:
     return p.suffix.lower() in IMAGE_SUFFIXES
 
 
-def probe(path) -> MediaInfo:
-    """Size, rate and claimed length. Decodes the first video frame: it carries the rotation, and a
-    file whose first frame does not decode should fail here rather than mid-run. Remembered per
-    (path, size, mtime), since a job asks several times (progress total, batch key, the reader)."""
-    p = _existing_file(path)
-    stat = p.stat()
-    return _probe(p, stat.st_size, stat.st_mtime_ns)
+class MediaFile:
+    """An opened input: its `MediaInfo` at once, then its frames from the same open file.
 
+    For a video the first frame is decoded on opening (it carries the rotation, and a file whose
+    first frame does not decode should fail before any work starts) and handed out again by
+    `frames`. Use as a context manager, or call `close`; reading all frames closes it too."""
 
-@functools.lru_cache(maxsize=1024)
-def _probe(p: Path, size: int, mtime_ns: int) -> MediaInfo:
-    if _is_still(p):
-        with _pil_errors(p), Image.open(p) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+    def __init__(self, path):
+        self.path = _existing_file(path)
+        self._stack = contextlib.ExitStack()
+        self._decoded: Iterator | None = None
+        self._read = False
+        if _is_still(self.path):
+            with _pil_errors(self.path), Image.open(self.path) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
+                    w, h = h, w
+                self.info = MediaInfo(str(self.path), w, h, None, 1, True, 0, codec=im.format)
+            return
+        with self._stack:
+            self._container, self._stream = self._stack.enter_context(_open_video(self.path))
+            self._decoder = _Decoder(self.path, self._container, self._stream)
+            first = next(self._decoder.frames)
+            self._decoded = itertools.chain([first], self._decoder.frames)
+            self._crop = _crop_size(self._container, first)
+            w, h = self._crop or (first.width, first.height)
+            rotation = _quarter_turns(first) * 90
+            if rotation in (90, 270):
                 w, h = h, w
-        return MediaInfo(str(p), w, h, None, 1, True, 0)
-    with _open_video(p) as (container, stream):
-        frames = _decode(p, container, stream, allow_partial=True)
-        try:
-            first = next(frames)
-        finally:
-            frames.close()
-        crop = _crop_size(container, first)
-        w, h = crop or (first.width, first.height)
-        rotation = _quarter_turns(first) * 90
-        if rotation in (90, 270):
-            w, h = h, w
-        fps = stream.average_rate or stream.guessed_rate or None
-        return MediaInfo(str(p), w, h, Fraction(fps) if fps else None, stream.frames or None, False, rotation,
-                         Fraction(stream.time_base) if stream.time_base else None)
+            stream = self._stream
+            fps = stream.average_rate or stream.guessed_rate or None
+            self.info = MediaInfo(str(self.path), w, h, Fraction(fps) if fps else None, stream.frames or None, False,
+                                  rotation, Fraction(stream.time_base) if stream.time_base else None,
+                                  codec=stream.codec_context.name)
+            self._stack = self._stack.pop_all()
 
+    def frames(self, *, start: int = 0, end: int | None = None, fps=None, size: tuple[int, int] | None = None,
+               allow_partial: bool = False, times: list | None = None) -> Iterator[np.ndarray]:
+        """Yield upright RGB frames [start, end) (indices after resampling to `fps` when given),
+        resized to `size` = (W, H) when given. A still image yields one frame (index 0). A list
+        passed as `times` receives each yielded frame's presentation time, in seconds from the
+        first one (a variable frame rate's real times; k/fps after resampling). Once per file.
 
-def read_frames(path, *, start: int = 0, end: int | None = None, fps=None,
-                size: tuple[int, int] | None = None, allow_partial: bool = False,
-                times: list | None = None) -> Iterator[np.ndarray]:
-    """Yield upright RGB frames [start, end) (indices after resampling to `fps` when given),
-    resized to `size` = (W, H) when given. A still image yields one frame (index 0). A list passed
-    as `times` receives each yielded frame's presentation time, in seconds from the first one
-    (a variable frame rate's real times; k/fps after resampling).
+        Corruption rule: a video is corrupt when the demuxer or decoder raises, or when fewer
+        packets could be read than the container's own index lists (a file cut short). The header
+        frame count alone is never evidence. Then CvaeError is raised after the frames already
+        yielded, unless `allow_partial`, which stops quietly. Decoders that conceal damage silently
+        are not caught. A bad argument raises at the call; problems inside the file, at iteration."""
+        fps = _check_selection(start, end, fps)
+        if self._read:
+            raise ValueError(f"the frames of {self.path} were read already")
+        self._read = True
+        if self.info.is_image:
+            selected = start == 0 and (end is None or end > 0)
+            if selected and times is not None:
+                times.append(Fraction(0))
+            return iter([_resize(_load_image(self.path), size)] if selected else [])
+        self._decoder.allow_partial = allow_partial
+        return self._video_frames(start, end, fps, size, times)
 
-    Corruption rule: a video is corrupt when the demuxer or decoder raises, or when fewer packets
-    could be read than the container's own index lists (a file cut short). The header frame count
-    alone is never evidence. Then CvaeError is raised after the frames already yielded, unless
-    `allow_partial`, which stops quietly. Decoders that conceal damage silently are not caught.
-    A missing file or bad argument raises at the call; problems inside the file, at iteration.
-    """
-    p = _existing_file(path)
-    fps = None if fps is None else _fraction(fps)
-    if start < 0 or (end is not None and end < 0) or (fps is not None and fps <= 0):
-        raise ValueError(f"bad selection: start={start} end={end} fps={fps}")
-    if _is_still(p):
-        selected = start == 0 and (end is None or end > 0)
-        if selected and times is not None:
-            times.append(Fraction(0))
-        return iter([_resize(_load_image(p), size)] if selected else [])
-    return _video_frames(p, start, end, fps, size, allow_partial, times)
-
-
-def _video_frames(p: Path, start, end, fps, size, allow_partial, times: list | None) -> Iterator[np.ndarray]:
-    if end is not None and end <= start:
-        return
-    with _open_video(p) as (container, stream):
-        timed = _timed(_decode(p, container, stream, allow_partial), stream)
-        if fps is not None:
-            timed = ((frame, k / fps) for k, frame in enumerate(_resample(timed, fps, stream)))
-        crop = False  # unknown until the first frame
-        last_frame = last_array = origin = None
-        for i, (frame, t) in enumerate(timed):
-            if end is not None and i >= end:
+    def _video_frames(self, start, end, fps, size, times: list | None) -> Iterator[np.ndarray]:
+        with self:
+            if end is not None and end <= start:
                 return
-            if i < start:
-                continue
-            if times is not None:
-                origin = t if origin is None else origin
-                times.append(t - origin)
-            if frame is last_frame:  # a repeat from resampling: same pixels, own buffer
-                yield last_array.copy()
-                continue
-            if crop is False:
-                crop = _crop_size(container, frame)
-            array = _to_rgb(frame, crop, size)
-            last_frame, last_array = frame, array
-            yield array
+            timed = _timed(self._decoded, self._stream)
+            if fps is not None:
+                timed = ((frame, k / fps) for k, frame in enumerate(_resample(timed, fps, self._stream)))
+            last_frame = last_array = origin = None
+            for i, (frame, t) in enumerate(timed):
+                if end is not None and i >= end:
+                    return
+                if i < start:
+                    continue
+                if times is not None:
+                    origin = t if origin is None else origin
+                    times.append(t - origin)
+                if frame is last_frame:  # a repeat from resampling: same pixels, own buffer
+                    yield last_array.copy()
+                    continue
+                array = _to_rgb(frame, self._crop, size)
+                last_frame, last_array = frame, array
+                yield array
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "MediaFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_media(path) -> MediaFile:
+    """Open a video or image: raises CvaeError for a missing, unreadable or undecodable file."""
+    return MediaFile(path)
+
+
+def probe(path) -> MediaInfo:
+    """Size, rate, claimed length and codec of a file (see `MediaFile`)."""
+    with open_media(path) as f:
+        return f.info
+
+
+def read_frames(path, **selection) -> Iterator[np.ndarray]:
+    """The frames of a file (see `MediaFile.frames`); a missing file raises at the call."""
+    _check_selection(selection.get("start", 0), selection.get("end"), selection.get("fps"))
+    f = open_media(path)
+    try:
+        return f.frames(**selection)
+    except BaseException:
+        f.close()
+        raise
 
 
 def is_constant_rate(times: Sequence[Fraction], fps: Fraction, tolerance: Fraction) -> bool:
@@ -158,22 +193,26 @@ def is_constant_rate(times: Sequence[Fraction], fps: Fraction, tolerance: Fracti
 
 
 class VideoWriter:
-    """H.264 (libx264, yuv420p) mp4 writer; the file appears at `path` only when the `with` ends
-    without an exception.
+    """Video writer, container and codec by suffix (`VIDEO_FORMATS`): .mp4/.mov/.mkv hold H.264
+    (libx264, yuv420p), .webm holds VP9 (libvpx-vp9, yuv420p). The file appears at `path` only
+    when the `with` ends without an exception.
 
     Odd sizes: 4:2:0 H.264 cannot code an odd width or height, so the frame is padded to even by
     repeating its last column/row, and the asked-for size is stored in a container tag that
-    `read_frames`/`probe` use to crop back: our own round trip keeps the exact size, other players
-    show at most one repeated edge pixel. Colours are converted with BT.709 (limited range) and the
-    stream is tagged so, which is what players assume for HD and what `read_frames` honours.
+    `MediaFile` uses to crop back: our own round trip keeps the exact size, other players show one
+    repeated edge column or row. VP9 codes any size: .webm keeps it for every player. Colours are
+    converted with BT.709 (limited range) and the stream is tagged so, which is what players
+    assume for HD and what `MediaFile` honours.
     """
 
     def __init__(self, path, fps, width: int, height: int, crf: int = 18, preset: str = "medium",
                  times: Sequence[Fraction] | None = None, time_base: Fraction | None = None):
         self.path = Path(path)
+        self.format, self.codec = video_format(self.path)
         self.fps = _fraction(fps)
         self.width, self.height = int(width), int(height)
-        self.coded_width, self.coded_height = self.width + self.width % 2, self.height + self.height % 2
+        even = self.codec == "libx264"
+        self.coded_width, self.coded_height = self.width + even * self.width % 2, self.height + even * self.height % 2
         self.crf, self.preset = crf, preset
         # a variable frame rate: frame k is shown at times[k] seconds, in ticks of time_base (the
         # list may still be growing while frames are written); past its end, 1/fps apart
@@ -192,20 +231,20 @@ class VideoWriter:
         with self._stack:
             tmp = self._stack.enter_context(atomic_path(self.path))
             with self._av_errors():
-                fmt = {".mov": "mov", ".mkv": "matroska"}.get(self.path.suffix.lower(), "mp4")
-                opts = {"movflags": "use_metadata_tags"} if fmt != "matroska" else {}
-                self._container = av.open(str(tmp), "w", format=fmt, options=opts)
+                opts = {"movflags": "use_metadata_tags"} if self.format in ("mp4", "mov") else {}
+                self._container = av.open(str(tmp), "w", format=self.format, options=opts)
                 self._stack.push(self._close_container)
                 if (self.coded_width, self.coded_height) != (self.width, self.height):
                     self._container.metadata[_SIZE_TAG] = f"{self.width}x{self.height}"
-                s = self._container.add_stream("libx264", rate=self.fps)
+                s = self._container.add_stream(self.codec, rate=self.fps)
                 s.width, s.height, s.pix_fmt = self.coded_width, self.coded_height, "yuv420p"
                 if self.times is not None:
                     s.codec_context.time_base = s.time_base = self.time_base
                 cc = s.codec_context
                 cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709
                 cc.color_range = 1  # limited ("tv")
-                s.options = {"crf": str(self.crf), "preset": self.preset}
+                s.options = ({"crf": str(self.crf), "preset": self.preset} if self.codec == "libx264" else
+                             {"crf": str(self.crf), "b:v": "0", "deadline": "good", "cpu-used": "4"})
                 self._stream = s
             self._stack = self._stack.pop_all()
         return self
@@ -261,6 +300,15 @@ class VideoWriter:
             raise CvaeError(f"cannot write {self.path}: {e}") from None
 
 
+def video_format(path) -> tuple[str, str]:
+    """(container format, codec) for a video file name; CvaeError for a suffix we do not write."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_FORMATS:
+        raise CvaeError(f"{path}: cannot write a video named {suffix or 'without a suffix'} "
+                        f"(use {', '.join(VIDEO_FORMATS)})")
+    return VIDEO_FORMATS[suffix]
+
+
 def write_image(path, frame: np.ndarray) -> None:
     """Write one RGB frame as png / jpg / webp / bmp / tiff (by suffix), atomically."""
     path = Path(path)
@@ -294,6 +342,13 @@ def _is_still(p: Path) -> bool:
     if p.suffix.lower() in IMAGE_SUFFIXES:  # named like an image, Pillow cannot read it
         raise CvaeError(f"{p} is not an image or video PyAV/Pillow can read")
     return False
+
+
+def _check_selection(start: int, end: int | None, fps) -> Fraction | None:
+    fps = None if fps is None else _fraction(fps)
+    if start < 0 or (end is not None and end < 0) or (fps is not None and fps <= 0):
+        raise ValueError(f"bad selection: start={start} end={end} fps={fps}")
+    return fps
 
 
 def _fraction(x) -> Fraction:
@@ -349,31 +404,40 @@ def _open_video(p: Path):
         container.close()
 
 
-def _decode(p: Path, container, stream, allow_partial: bool) -> Iterator[av.VideoFrame]:
-    """Decoded frames in display order; raises per the corruption rule in `read_frames`."""
-    packets = frames = 0
-    try:
-        for packet in container.demux(stream):
-            if packet.size:
-                packets += 1
-            for frame in packet.decode():
-                frames += 1
-                yield frame
-        broken = packets < len(stream.index_entries)
-    except av.error.FFmpegError:
-        broken = True
-        try:  # the frames the decoder still holds came before the damage
-            for frame in stream.decode(None):
-                frames += 1
-                yield frame
+class _Decoder:
+    """Decoded frames in display order (`frames`); raises per the corruption rule in
+    `MediaFile.frames`, whose `allow_partial` may be set after the first frame was taken."""
+
+    def __init__(self, p: Path, container, stream):
+        self.p, self.container, self.stream = p, container, stream
+        self.allow_partial = True  # while the first frame is decoded for the info
+        self.frames = self._frames()
+
+    def _frames(self) -> Iterator[av.VideoFrame]:
+        p, stream = self.p, self.stream
+        packets = frames = 0
+        try:
+            for packet in self.container.demux(stream):
+                if packet.size:
+                    packets += 1
+                for frame in packet.decode():
+                    frames += 1
+                    yield frame
+            broken = packets < len(stream.index_entries)
         except av.error.FFmpegError:
-            pass
-    if frames == 0:
-        raise CvaeError(f"{p}: video is corrupt or truncated, no frame could be decoded" if broken
-                        else f"{p}: video has no frames")
-    if broken and not allow_partial:
-        raise CvaeError(f"{p}: video is corrupt or truncated after {frames} frames "
-                        "(use --allow-partial to keep them)")
+            broken = True
+            try:  # the frames the decoder still holds came before the damage
+                for frame in stream.decode(None):
+                    frames += 1
+                    yield frame
+            except av.error.FFmpegError:
+                pass
+        if frames == 0:
+            raise CvaeError(f"{p}: video is corrupt or truncated, no frame could be decoded" if broken
+                            else f"{p}: video has no frames")
+        if broken and not self.allow_partial:
+            raise CvaeError(f"{p}: video is corrupt or truncated after {frames} frames "
+                            "(use --allow-partial to keep them)")
 
 
 def _frame_step(stream) -> Fraction:

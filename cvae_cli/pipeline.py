@@ -2,7 +2,8 @@
 
 container -> `media` frames -> `stream` chunks through the model -> `latents` file, and the mirror
 image. `reconstruct` chains both in memory and scores the result against its input as it goes.
-Each job reports progress as a count of frames through an optional callback.
+Inputs are opened once (`media.MediaFile`, `latents.LatentFile`) and passed along opened. Each job
+reports progress as a count of frames through the model, through an optional callback.
 """
 from __future__ import annotations
 
@@ -10,32 +11,68 @@ import collections
 import contextlib
 import queue
 import threading
-from fractions import Fraction
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from . import media
+from . import interrupt, media
+from .atomic import remove_stale
 from .checkpoints import model_id
 from .errors import CvaeError
 from .latents import LatentFile, LatentMeta, LatentWriter, check_compatible
 from .metrics import FrameMetrics, frames_to_tensor
-from .model import CausalVAE
+from .model import CausalVAE, DiagonalGaussian
 from .stream import StreamOptions, decode_latents, encode_batch, encode_frames, padded_length, padded_size
 
 Progress = Callable[[int], None]
+# (name, expected frames or None) -> a context giving the Progress callback for one batch of inputs
+ProgressFactory = Callable[[str, "int | None"], ContextManager[Progress]]
+# How to cut a video of a given (width, height): fixed, or chosen per size (see stream.choose_options).
+Options = StreamOptions | Callable[[int, int], StreamOptions]
 PREFETCH = 2  # items a background stage may run ahead of its consumer (bounds memory)
 
+
+# --- the one failure policy for many inputs ----------------------------------------------------
+
+def per_input(error: BaseException) -> bool:
+    """Whether a failure belongs to one input, so a run of many reports it and goes on: the
+    input's own problem (a `CvaeError`: unreadable, truncated, unwritable) or running out of memory
+    on its size. Anything else (a bug, a broken driver, an interruption) ends the run."""
+    return isinstance(error, CvaeError) or is_out_of_memory(error)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def attempt(run: Callable[[], list], count: int) -> list:
+    """`run()`, or, when it fails by `per_input`, that error for each of its `count` inputs (after
+    giving back the memory a failed GPU step held). Other failures propagate."""
+    try:
+        return run()
+    except Exception as error:
+        if not per_input(error):
+            raise
+        if is_out_of_memory(error) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return [error] * count
+
+
+# --- threads ----------------------------------------------------------------------------------
 
 def background(items: Iterable, depth: int = PREFETCH) -> Iterator:
     """Iterate `items` in a thread, up to `depth` ahead, so container decode and colour conversion,
     the model's GPU work, and mp4 encode/latent writes overlap instead of taking turns.
 
     The producer's exception is re-raised here, in the consumer, unchanged; a consumer that stops
-    early (or fails) stops the producer and closes its generator. depth 0 runs inline."""
+    early (or fails, or is interrupted) stops the producer, closes its generator and waits for the
+    thread, so no thread outlives its consumer. Close this generator (`contextlib.closing`) when
+    not reading it to the end. depth 0 runs inline."""
     if depth <= 0:
         yield from items
         return
@@ -69,7 +106,11 @@ def background(items: Iterable, depth: int = PREFETCH) -> Iterator:
     thread.start()
     try:
         while True:
-            item, error = slots.get()
+            try:
+                item, error = slots.get(timeout=0.1)
+            except queue.Empty:
+                interrupt.check()  # the producer may be busy for long: the consumer stops as asked
+                continue
             if error is not None:
                 raise error
             if item is end:
@@ -77,12 +118,17 @@ def background(items: Iterable, depth: int = PREFETCH) -> Iterator:
             yield item
     finally:
         stop.set()
-        thread.join()
+        while thread.is_alive():  # a second Ctrl-C must not leave the thread running at exit
+            with contextlib.suppress(KeyboardInterrupt):
+                thread.join()
 
+
+# --- what to read -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Selection:
-    """Which frames of an input, at what rate and size (all optional)."""
+    """Which frames of an input, at what rate and size (all optional). `start`/`end` count frames
+    after resampling to `fps`."""
 
     start: int = 0
     end: int | None = None
@@ -100,19 +146,26 @@ class Selection:
             return media.fit_size(info.width, info.height, self.max_side)
         return self.size
 
-    def model_size(self, src: Path) -> tuple[int, int]:
-        """The (width, height) the model will see for this input (before padding to multiples of 8)."""
-        info = media.probe(src)
+    def model_size(self, info: media.MediaInfo) -> tuple[int, int]:
+        """The (width, height) the model will see (before padding to multiples of 8)."""
         return self.resize(info) or (info.width, info.height)
 
-    def frames(self, src: Path, times: list | None = None) -> tuple[media.MediaInfo, tuple[int, int], Iterator[np.ndarray]]:
-        """The input's info, the (width, height) the model will see, and the selected frames (their
-        times, seconds from the first, appended to `times` when given)."""
-        info = media.probe(src)
-        size = self.resize(info)
-        frames = media.read_frames(src, start=self.start, end=self.end, fps=self.fps, size=size,
-                                   allow_partial=self.allow_partial, times=times)
-        return info, size or (info.width, info.height), frames
+    def expected_frames(self, info: media.MediaInfo) -> int | None:
+        """How many frames this selects, by the container's claim: for progress bars and
+        planning only (headers lie). None when the container does not say."""
+        if info.is_image:
+            return 1 if self.start == 0 and (self.end is None or self.end > 0) else 0
+        if info.frame_count is None:
+            return None
+        frames = info.frame_count * (self.fps / float(info.fps) if self.fps and info.fps else 1)
+        end = frames if self.end is None else min(frames, self.end)
+        return max(0, round(end - self.start))
+
+    def frames(self, source: media.MediaFile, times: list | None = None) -> Iterator[np.ndarray]:
+        """The selected frames of an opened input (their times, seconds from the first, appended
+        to `times` when given)."""
+        return source.frames(start=self.start, end=self.end, fps=self.fps, size=self.resize(source.info),
+                             allow_partial=self.allow_partial, times=times)
 
     def variable_times(self, info: media.MediaInfo, times: list) -> tuple | None:
         """The frame times worth keeping: a video's own, when they are off the 1/fps grid by more
@@ -130,26 +183,36 @@ class Result:
     output: Path
     frames: int
     metrics: FrameMetrics | None = None
-    extra: dict = field(default_factory=dict)
 
 
-def _counted(frames: Iterable[np.ndarray], progress: Progress | None) -> Iterator[np.ndarray]:
-    for frame in frames:
-        yield frame
-        if progress:
-            progress(1)
+def _options(options: Options, width: int, height: int) -> StreamOptions:
+    return options(width, height) if callable(options) else options
 
 
-def _posterior_latent(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    if generator is None:
-        return mean
-    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
-    return mean + torch.exp(0.5 * logvar) * noise
+def _opened(source: media.MediaFile | Path, stack: contextlib.ExitStack) -> media.MediaFile:
+    return stack.enter_context(source if isinstance(source, media.MediaFile) else media.open_media(source))
 
 
-def encode_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, select: Selection = Selection(),
-                *, seed: int | None = None, save_logvar: bool = False, progress: Progress | None = None,
-                prefetch: int = PREFETCH) -> Result:
+# --- encode -----------------------------------------------------------------------------------
+
+@dataclass
+class _Encoding:
+    """One input of `encode_files` as it runs."""
+
+    source: media.MediaFile
+    output: Path
+    select: Selection
+    writer: LatentWriter | None = None
+    times: list = field(default_factory=list)  # the frames' times, filled as they are read
+    read: list = field(default_factory=lambda: [0])  # frames read so far (the reader's counter)
+    counted: int = 0  # frames reported to progress: those the model has turned into latents
+    latents: int = 0  # latent frames written
+    outcome: Result | Exception | None = None
+
+
+def encode_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, options: Options,
+                select: Selection = Selection(), *, seed: int | None = None, save_logvar: bool = False,
+                progress: Progress | None = None, prefetch: int = PREFETCH) -> Result:
     """Encode one video or image to a latent file; `seed` samples the posterior instead of its mean.
 
     Three stages overlap (`prefetch` > 0): reading frames, the model, writing latents."""
@@ -160,171 +223,252 @@ def encode_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, 
     return outcome
 
 
-def encode_files(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], options: StreamOptions, *,
-                 seed: int | None = None, save_logvar: bool = False, progress: Progress | None = None,
+def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, Path, Selection]], options: Options,
+                 *, seed: int | None = None, save_logvar: bool = False, progress: Progress | None = None,
                  prefetch: int = PREFETCH) -> list[Result | Exception]:
     """Encode several (input, output, selection) jobs of one model size together: their chunks are
     stacked along the batch, so one model call serves them all (what keeps a GPU busy on images and
     short clips). Each output is what `encode_file` would write for it alone, up to the rounding of
-    batched kernels.
+    batched kernels. Inputs may come opened (`media.MediaFile`) or as paths; all are closed here.
 
     An input that fails (unreadable, truncated, an unwritable output) ends its own stream and comes
     back as its exception, with nothing written; the others go on. A model failure raises."""
-    outcomes: list[Result | Exception | None] = [None] * len(jobs)
-    writers: dict[int, LatentWriter] = {}
-    streams, counters, generators, infos, times = [], {}, {}, {}, {}
-
-    def guarded(k: int, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        try:
-            yield from frames
-        except Exception as e:  # this input's failure: end its stream, keep the batch going
-            outcomes[k] = e
-
+    ft = model.config.time_compression
     identity = model_id(model)  # once per call: a model not loaded from a file is hashed each time
+    runs: list[_Encoding] = []
+
+    def guarded(run: _Encoding, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        try:
+            for frame in frames:
+                run.read[0] += 1
+                yield frame
+        except Exception as e:  # this input's failure: end its stream, keep the batch going
+            run.outcome = e
+
+    def advance(run: _Encoding, latents: int) -> None:
+        """Report the frames these latents stand for (1, then 4 per latent), at most those read."""
+        run.latents += latents
+        done = min(1 + ft * (run.latents - 1), run.read[0])
+        if progress and done > run.counted:
+            progress(done - run.counted)
+        run.counted = max(run.counted, done)
+
+    with contextlib.ExitStack() as stack:
+        for src, dst, select in jobs:
+            try:
+                run = _Encoding(_opened(src, stack), dst, select)
+            except CvaeError as e:
+                runs.append(_Encoding(None, dst, select, outcome=e))
+                continue
+            runs.append(run)
+            try:
+                width, height = select.model_size(run.source.info)
+                meta = _latent_meta(model, identity, run.source, width, height, select, seed)
+                run.writer = stack.enter_context(_aborting(LatentWriter(dst, meta, with_logvar=save_logvar)))
+            except CvaeError as e:
+                run.outcome = e
+        live = [run for run in runs if run.writer is not None]
+        if not live:
+            return [run.outcome for run in runs]
+        width, height = live[0].select.model_size(live[0].source.info)
+        readers = [stack.enter_context(contextlib.closing(background(run.select.frames(run.source, run.times),
+                                                                     prefetch))) for run in live]
+        streams = [guarded(run, reader) for run, reader in zip(live, readers)]
+        chunks = encode_batch(model, streams, _options(options, width, height), [run.read for run in live])
+        with contextlib.closing(background(chunks, prefetch)) as chunks:
+            for i, mean, logvar in chunks:
+                run = live[i]
+                if run.outcome is None:
+                    latent = mean if seed is None else DiagonalGaussian(mean[None].float(), logvar[None].float()) \
+                        .sample(seed=seed, first_frame=run.latents)[0]
+                    run.writer.append(latent, logvar if save_logvar else None)
+                    advance(run, mean.shape[1])
+        for run in live:
+            if run.outcome is None:
+                run.outcome = _finish(run, model)
+    return [run.outcome for run in runs]
+
+
+@contextlib.contextmanager
+def _aborting(writer: LatentWriter) -> Iterator[LatentWriter]:
+    """The writer, whose temporary files go whatever happens (after `close` there are none)."""
     try:
-        for k, (src, dst, select) in enumerate(jobs):
-            times[k] = []
-            try:
-                infos[k], (width, height), frames = select.frames(src, times[k])
-                meta = _latent_meta(model, identity, src, infos[k], width, height, select, seed)
-                writers[k] = LatentWriter(dst, meta, with_logvar=save_logvar)
-            except CvaeError as e:
-                outcomes[k] = e
-                continue
-            counters[k] = [0]
-            generators[k] = torch.Generator().manual_seed(seed) if seed is not None else None
-            streams.append(guarded(k, background(_counted(frames, progress), prefetch)))
-        order = list(writers)  # stream index -> job index
-        chunks = encode_batch(model, streams, options, [counters[k] for k in order])
-        for i, mean, logvar in background(chunks, prefetch):
-            k = order[i]
-            if outcomes[k] is None:
-                writers[k].append(_posterior_latent(mean.float(), logvar.float(), generators[k]),
-                                  logvar if save_logvar else None)
-        for k, writer in writers.items():
-            if outcomes[k] is not None:
-                continue
-            (src, dst, select), n = jobs[k], counters[k][0]
-            try:
-                if n == 0:
-                    raise CvaeError(f"{src}: no frames selected")
-                writer.meta = replace(writer.meta, frames=n,
-                                      padded_frames=padded_length(n, model.config.time_compression),
-                                      frame_times=select.variable_times(infos[k], times[k]))
-                writer.close()
-                outcomes[k] = Result(dst, n)
-            except CvaeError as e:
-                outcomes[k] = e
+        yield writer
     finally:
-        for writer in writers.values():
-            writer.abort()
-    return outcomes
+        writer.abort()
 
 
-def _latent_meta(model: CausalVAE, identity: str, src: Path, info: media.MediaInfo, width: int, height: int,
+def _finish(run: _Encoding, model: CausalVAE) -> Result | CvaeError:
+    n = run.read[0]
+    try:
+        if n == 0:
+            raise CvaeError(f"{run.source.path}: no frames selected")
+        run.writer.meta = replace(run.writer.meta, frames=n,
+                                  padded_frames=padded_length(n, model.config.time_compression),
+                                  frame_times=run.select.variable_times(run.source.info, run.times))
+        run.writer.close()
+    except CvaeError as e:
+        return e
+    return Result(run.output, n)
+
+
+def _latent_meta(model: CausalVAE, identity: str, source: media.MediaFile, width: int, height: int,
                  select: Selection, seed: int | None) -> LatentMeta:
     """What decode needs to know, before the frame count (filled in at the end)."""
-    fs = model.config.space_compression
+    fs, info = model.config.space_compression, source.info
     return LatentMeta(model_id=identity, model_config=model.config.to_json(), frames=0,
                       height=height, width=width, padded_frames=0, padded_height=padded_size(height, fs),
                       padded_width=padded_size(width, fs), fps=None if info.is_image else select.output_fps(info),
-                      source=src.name, sampled=seed is not None)
+                      source=source.path.name, sampled=seed is not None)
 
 
-def batched(items: Sequence, size: int, key: Callable | None = None) -> list[list]:
+def batched(items: Iterable, size: int, key: Callable | None = None, held: int = 256) -> Iterator[list]:
     """Cut `items` into lists of at most `size` that share `key(item)` (for `encode_files`: one model
-    size per batch), first-come order within each key; `size` 1 keeps every item alone, in order."""
+    size per batch), first-come order within each key, as they come: a list goes out when full,
+    or, the largest one, when `held` items wait; the rest at the end. `size` 1 keeps every item
+    alone, in order."""
     if size <= 1 or key is None:
-        return [[item] for item in items]
-    by_key: dict = {}
+        yield from ([item] for item in items)
+        return
+    waiting: dict = {}
     for item in items:
-        by_key.setdefault(key(item), []).append(item)
-    return [group[i:i + size] for group in by_key.values() for i in range(0, len(group), size)]
+        group = waiting.setdefault(key(item), [])
+        group.append(item)
+        if len(group) == size:
+            yield waiting.pop(key(item))
+        elif sum(map(len, waiting.values())) >= held:
+            yield waiting.pop(max(waiting, key=lambda k: len(waiting[k])))
+    yield from waiting.values()
 
 
-def size_key(src: Path, select: Selection) -> object:
-    """What inputs must share to be encoded in one batch: the model size; an input that cannot be
-    probed gets a key of its own, so it runs alone and reports its error."""
-    try:
-        return select.model_size(src)
-    except CvaeError:
-        return src
+def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], options: Options, *,
+                batch_size: int = 1, seed: int | None = None, save_logvar: bool = False,
+                progress: ProgressFactory | None = None) -> Iterator[tuple[int, Result | Exception]]:
+    """Encode many (input, output, selection) jobs, `batch_size` of one model size at a time,
+    opening each input once; yield (job index, outcome) as outcomes come. A failure of one input
+    (`per_input`) is its outcome and the others go on; any other failure raises."""
+    failed: list[tuple[int, Exception]] = []
+
+    def opened() -> Iterator[tuple[int, media.MediaFile]]:
+        for k, (src, _, _) in enumerate(jobs):
+            interrupt.check()  # between inputs
+            try:
+                yield k, media.open_media(src)
+            except CvaeError as e:  # fails before the model, alone
+                failed.append((k, e))
+
+    def size_of(item: tuple[int, media.MediaFile]) -> tuple[int, int]:
+        k, source = item
+        return jobs[k][2].model_size(source.info)
+
+    for group in batched(opened(), batch_size, key=size_of):
+        yield from failed
+        failed.clear()
+        batch = [(source, jobs[k][1], jobs[k][2]) for k, source in group]
+        expected = [select.expected_frames(source.info) for source, _, select in batch]
+        name = batch[0][0].path.name if len(batch) == 1 else f"{len(batch)} files"
+        with progress(name, None if None in expected else sum(expected)) if progress else \
+                contextlib.nullcontext(None) as advance:
+            outcomes = attempt(lambda: encode_files(model, batch, options, seed=seed, save_logvar=save_logvar,
+                                                    progress=advance), len(batch))
+        yield from ((k, outcome) for (k, _), outcome in zip(group, outcomes))
+    yield from failed
 
 
-def _latent_chunks(latent: LatentFile, options: StreamOptions) -> Iterator[torch.Tensor]:
-    return latent.iter_chunks(max(1, options.chunk // 4))
-
+# --- decode -----------------------------------------------------------------------------------
 
 def _write_frames(dst: Path, chunks: Iterable[np.ndarray], fps, limit: int, crf: int, progress: Progress | None,
                   transform: Callable[[np.ndarray], np.ndarray] | None = None,
                   times: Sequence | None = None, time_base: Fraction | None = None) -> int:
-    """Write frame chunks to a video (or the first frame to an image); stop after `limit` frames.
-    `times` (seconds, in ticks of `time_base`) keep a variable frame rate."""
+    """Write frame chunks to a video (or the first frame of an image's to an image file); stop
+    after `limit` frames. `times` (seconds, in ticks of `time_base`) keep a variable frame rate."""
     transform = transform or (lambda chunk: chunk)
-    if fps is None or media.is_image(dst):
-        if dst.suffix.lower() not in media.IMAGE_SUFFIXES:
-            raise CvaeError(f"{dst}: a single image decodes to an image file (use a .png name)")
-        media.write_image(dst, transform(next(iter(chunks))[:1])[0])
-        if progress:
-            progress(1)
-        return 1
-    written = 0
-    with contextlib.ExitStack() as stack:
-        writer = None
-        for chunk in chunks:
-            chunk = transform(chunk[: limit - written])
-            if writer is None:
-                writer = stack.enter_context(media.VideoWriter(dst, fps, chunk.shape[2], chunk.shape[1], crf=crf,
-                                                               times=times, time_base=time_base))
-            for frame in chunk:
-                writer.write(frame)
-            written += len(chunk)
+    with contextlib.closing(iter(chunks)) as chunks:
+        if fps is None:
+            media.write_image(dst, transform(next(chunks)[:1])[0])
             if progress:
-                progress(len(chunk))
-            if written >= limit:
-                break
-    return written
+                progress(1)
+            return 1
+        written = 0
+        with contextlib.ExitStack() as stack:
+            writer = None
+            for chunk in chunks:
+                chunk = transform(chunk[: limit - written])
+                if writer is None:
+                    writer = stack.enter_context(media.VideoWriter(dst, fps, chunk.shape[2], chunk.shape[1],
+                                                                   crf=crf, times=times, time_base=time_base))
+                for frame in chunk:
+                    writer.write(frame)
+                written += len(chunk)
+                if progress:
+                    progress(len(chunk))
+                if written >= limit:
+                    break
+        return written
 
 
-def decode_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, *, crf: int = 18,
+def check_output_kind(dst: Path, image: bool) -> None:
+    """CvaeError unless `dst` names what a decode of an image (an image file) or of a video (a
+    video container we write) produces: a file is never written under a name that lies."""
+    if image and dst.suffix.lower() not in media.IMAGE_SUFFIXES:
+        raise CvaeError(f"{dst}: an image decodes to an image file (use one of "
+                        f"{', '.join(sorted(media.IMAGE_SUFFIXES))})")
+    if not image:
+        media.video_format(dst)
+
+
+def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Options, *, crf: int = 18,
                 force: bool = False, progress: Progress | None = None, prefetch: int = PREFETCH) -> Result:
-    """Decode a latent file to mp4 (or png for a single frame), at its original size and rate;
-    the model runs in a background thread while this one encodes the mp4 (`prefetch` > 0)."""
-    latent = LatentFile.open(src)
+    """Decode a latent file to a video (or an image's latent to an image) at its original size and
+    rate; the model runs in a background thread while this one encodes the video (`prefetch` > 0).
+    The architecture must match even with `force`, which only waives the weights' identity."""
+    latent = src if isinstance(src, LatentFile) else LatentFile.open(src)
     meta = latent.meta
-    if not force:
-        check_compatible(meta, model_id(model), where=str(src))
-    chunks = decode_latents(model, _latent_chunks(latent, options), options, meta.height, meta.width)
-    chunks = background(chunks, prefetch)
-    return Result(dst, _write_frames(dst, chunks, meta.fps, meta.frames, crf, progress, times=meta.frame_times))
+    check_compatible(meta, model_id(model), model.config, where=str(latent.path), force=force)
+    check_output_kind(dst, image=meta.fps is None)
+    remove_stale(dst)
+    step = max(1, _options(options, meta.width, meta.height).chunk // model.config.time_compression)
+    chunks = decode_latents(model, latent.iter_chunks(step), _options(options, meta.width, meta.height),
+                            meta.height, meta.width)
+    frames = _write_frames(dst, background(chunks, prefetch), meta.fps, meta.frames, crf, progress,
+                           times=meta.frame_times)
+    return Result(dst, frames)
 
 
-def reconstruct_file(model: CausalVAE, src: Path, dst: Path, options: StreamOptions, select: Selection = Selection(),
-                     *, crf: int = 18, side_by_side: bool = False, progress: Progress | None = None,
-                     prefetch: int = PREFETCH) -> Result:
+# --- reconstruct ------------------------------------------------------------------------------
+
+def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, options: Options,
+                     select: Selection = Selection(), *, crf: int = 18, side_by_side: bool = False,
+                     progress: Progress | None = None, prefetch: int = PREFETCH) -> Result:
     """Encode and decode in one pass, scoring every output frame against its input (PSNR, SSIM);
-    reading, the model and scoring + mp4 encode run in overlapping threads (`prefetch` > 0)."""
-    times: list = []  # the input's frame times, kept for the output (filled ahead of the writer)
-    info, (width, height), frames = select.frames(src, times)
-    pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
-    counter, metrics = [0], FrameMetrics()
+    reading, the model and scoring + video encode run in overlapping threads (`prefetch` > 0)."""
+    with contextlib.ExitStack() as stack:
+        source = _opened(src, stack)
+        info = source.info
+        check_output_kind(dst, image=info.is_image)
+        remove_stale(dst)
+        width, height = select.model_size(info)
+        opts = _options(options, width, height)
+        times: list = []  # the input's frame times, kept for the output (filled ahead of the writer)
+        pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
+        metrics = FrameMetrics()
 
-    def remember(frames):
-        for frame in frames:
-            pending.append(frame)
-            yield frame
+        def remember(frames):
+            for frame in frames:
+                pending.append(frame)
+                yield frame
 
-    def score(chunk: np.ndarray) -> np.ndarray:
-        chunk = chunk[: len(pending)]  # frames past the input's end decode its padding
-        inputs = np.stack([pending.popleft() for _ in range(len(chunk))])
-        metrics.add(frames_to_tensor(inputs), frames_to_tensor(chunk))
-        return np.concatenate([inputs, chunk], axis=2) if side_by_side else chunk
+        def score(chunk: np.ndarray) -> np.ndarray:
+            chunk = chunk[: len(pending)]  # frames past the input's end decode its padding
+            inputs = np.stack([pending.popleft() for _ in range(len(chunk))])
+            metrics.add(frames_to_tensor(inputs), frames_to_tensor(chunk))
+            return np.concatenate([inputs, chunk], axis=2) if side_by_side else chunk
 
-    latents = (mean for mean, _ in encode_frames(model, remember(background(frames, prefetch)), options, counter))
-    chunks = background(decode_latents(model, latents, options, height, width), prefetch)
-    fps = None if info.is_image else select.output_fps(info)
-    keep_times = not (info.is_image or select.fps)
-    written = _write_frames(dst, chunks, fps, 2**62, crf, progress, transform=score,
-                            times=times if keep_times else None, time_base=info.time_base)
+        frames = stack.enter_context(contextlib.closing(background(select.frames(source, times), prefetch)))
+        latents = (mean for mean, _ in encode_frames(model, remember(frames), opts))
+        chunks = background(decode_latents(model, latents, opts, height, width), prefetch)
+        keep_times = not (info.is_image or select.fps)
+        written = _write_frames(dst, chunks, None if info.is_image else select.output_fps(info), 2**62, crf,
+                                progress, transform=score, times=times if keep_times else None,
+                                time_base=info.time_base)
     return Result(dst, written, metrics)
-

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import interrupt
 from .accel import layout
-from .model import CausalVAE, StreamCache
+from .device import placement
+from .model import CausalVAE, CausalVAEConfig, StreamCache
 
 MODES = ("stream", "window", "whole")
 WINDOW_FRAMES = 65  # Open-Sora-Plan v1.1.0's temporal window: 17 latents
@@ -29,13 +31,12 @@ WINDOW_FRAMES = 65  # Open-Sora-Plan v1.1.0's temporal window: 17 latents
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """How a video is cut for the model. `chunk` counts frames after the first chunk's extra one."""
+    """How a video is cut for the model. `chunk` counts frames after the first chunk's extra one.
+    The device and dtype are the model's own."""
 
     mode: str = "stream"
     chunk: int = 16
     tile: int | None = None  # pixel tile side (multiple of 32); None keeps whole frames
-    device: torch.device | str = "cpu"
-    dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -60,6 +61,28 @@ def auto_cut(width: int, height: int, chunk: int | None = None, tile: int | str 
         area = min(tile or width, width) * min(tile or height, height)
         chunk = max(4, min(16, CHUNK_PIXELS // area // 4 * 4))
     return chunk, tile
+
+
+WINDOW_TILE = 256  # Open-Sora-Plan v1.1.0's spatial tile
+
+
+def exact_streaming(config: CausalVAEConfig) -> bool:
+    """Whether streamed chunks equal the whole clip: per-frame norm and per-frame attention."""
+    return config.norm == "frame" and config.encoder_attention == config.decoder_attention == "AttnBlock3DFix"
+
+
+def choose_options(config: CausalVAEConfig, width: int, height: int, mode: str = "auto",
+                   chunk: int | None = None, tile: int | str | None = "auto") -> StreamOptions:
+    """The cut for a frame size, where the user left it open: mode `auto` streams a model that
+    streams exactly and cuts any other (the released clip-norm checkpoints) as Open-Sora-Plan
+    does, in 65-frame windows overlapping by one, with its 256-pixel tiles where a window's
+    pixels exceed the chunk budget. ValueError for a cut StreamOptions refuses."""
+    if mode == "auto":
+        mode = "stream" if exact_streaming(config) else "window"
+    if mode == "window" and tile == "auto":
+        tile = WINDOW_TILE if width * height * WINDOW_FRAMES > CHUNK_PIXELS else None
+    chunk, tile = auto_cut(width, height, chunk, tile)
+    return StreamOptions(mode=mode, chunk=chunk, tile=tile)
 
 
 def padded_length(frames: int, factor: int = 4) -> int:
@@ -129,6 +152,7 @@ class Tiler:
             return self._step(step, x, (0, 0), final)
         out = weight = None
         for (y0, y1), (x0, x1) in boxes:
+            interrupt.check()  # a tile can take seconds: stop between them when asked
             y = self._step(step, x[..., y0:y1, x0:x1], (y0, x0), final)
             if out is None:  # blended in float32: bf16 weights that should sum to 1 do not
                 out = y.new_zeros(*y.shape[:3], round(h * self.scale), round(w * self.scale), dtype=torch.float32)
@@ -176,13 +200,14 @@ class Tiler:
         return axis(y.shape[-2], inner_y)[:, None] * axis(y.shape[-1], inner_x)[None, :]
 
 
-def frames_to_pixels(frames: Sequence[np.ndarray], options: StreamOptions, factor: int = 8) -> torch.Tensor:
+def frames_to_pixels(frames: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype,
+                     factor: int = 8) -> torch.Tensor:
     """uint8 (H, W, 3) frames -> (1, 3, T, H', W') in [-1, 1] on the device, edges repeated to
     multiples of `factor`. Upload as uint8 (4x less traffic), convert on the device."""
     x = torch.from_numpy(np.stack(frames))
-    if options.device != "cpu" and torch.device(options.device).type == "cuda":
-        x = x.pin_memory().to(options.device, non_blocking=True)
-    x = x.permute(3, 0, 1, 2).unsqueeze(0).float().div_(127.5).sub_(1).to(options.dtype)  # one rounding
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = x.permute(3, 0, 1, 2).unsqueeze(0).float().div_(127.5).sub_(1).to(dtype)  # one rounding
     h, w = x.shape[-2:]
     pad = (0, padded_size(w, factor) - w, 0, padded_size(h, factor) - h, 0, 0)
     return F.pad(x, pad, mode="replicate") if any(pad) else x
@@ -205,6 +230,7 @@ def lockstep(sources: list[Iterator[tuple[torch.Tensor, bool]]], tiler: Tiler,
     while cohorts:
         later = []
         for members, tiler in cohorts:
+            interrupt.check()  # between chunks
             items = [(k, next(sources[i], None)) for k, i in enumerate(members)]
             keys = {k: (item[0].shape[2], item[1]) for k, item in items if item is not None}
             for key in sorted(set(keys.values())):
@@ -224,9 +250,10 @@ def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]], option
     """Encode clips of one frame size together, their chunks stacked along the batch (one model call
     per step for all of them); yield (clip index, mean, logvar) chunks as `encode_frames` does."""
     ft, fs = model.config.time_compression, model.config.space_compression
+    device, dtype = placement(model)
     first, size, overlap = plan(options, ft, latent=False)
     counters = counters or [None] * len(clips)
-    sources = [((frames_to_pixels(group, options, fs), last)
+    sources = [((frames_to_pixels(group, device, dtype, fs), last)
                 for group, last in groups(pad_frames(frames, ft, n), first, size, overlap))
                for frames, n in zip(clips, counters)]
 
@@ -257,13 +284,14 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
     """Decode several latent streams of one size together (chunks stacked along the batch); yield
     (stream index, uint8 frames (t, height, width, 3)) as `decode_latents` does."""
     ft, fs = model.config.time_compression, model.config.space_compression
+    device, dtype = placement(model)
     first, size, overlap = plan(options, ft, latent=True)
     streaming = options.mode == "stream"
 
     def source(chunks):
         steps = (t for chunk in chunks for t in chunk.unbind(1))
         for n, (group, last) in enumerate(groups(steps, first, size, overlap)):
-            z = torch.stack(group, dim=1).unsqueeze(0).to(options.device, options.dtype)
+            z = torch.stack(group, dim=1).unsqueeze(0).to(device, dtype)
             if last and streaming and (n or len(group) > 1):  # the last chunk as any other, then an
                 yield z, False           # empty one that flushes what the decoder held back: two steps
                 yield z[:, :, :0], True  # of the usual size, not one twice as large (the peak of a

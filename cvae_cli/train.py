@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import losses, trainset
+from . import interrupt, losses, trainset
 from .atomic import atomic_path
 from .checkpoints import load_model, save_model, save_sd_vae
 from .errors import CvaeError
@@ -318,7 +318,7 @@ class Report:
 
 class Trainer:
     def __init__(self, opts: TrainOptions, start: Start, dist=None, report: Report | None = None):
-        from .batch import Dist
+        from .distributed import Dist
 
         self.opts, self.start, self.report = opts, start, report or Report()
         self.dist = dist or Dist()
@@ -462,8 +462,12 @@ class Trainer:
                     log.write(row)
                     self.report.row(row)
                 sums, row_start = {}, time.perf_counter()
-            if step % opts.save_every == 0 or step == opts.steps:
+            if step % opts.save_every == 0 or step == opts.steps or interrupt.pending() is not None:
                 self._save_checkpoint(step, vae, optimizer, ema, disc, d_opt, sums)
+            if interrupt.pending() is not None:  # Ctrl-C, SIGTERM: stopped at a saved step
+                self.report.note(f"stopped at step {step}, saved in {self.out / CHECKPOINT}: "
+                                 "run the same command again to resume")
+                interrupt.check()
         if self.rank0:
             return self._finish(ema or vae, step)
         return self.out / FINAL
@@ -586,7 +590,8 @@ def train(opts: TrainOptions, start: Start, dist=None, report: Report | None = N
     trainer = Trainer(opts, start, dist, report)
     trainer.prepare()
     try:
-        return trainer.run()
+        with trainer.dist.session(trainer.dist.device(opts.device)):
+            return trainer.run()
     except RuntimeError as e:
         if "out of memory" in str(e).lower():
             raise CvaeError("out of memory: try --checkpointing, a smaller --size or --batch-size") from None

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -42,3 +46,31 @@ def random_model(seed: int = 0, **overrides) -> CausalVAE:
             if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "norm_out.weight", "mix_factor")):
                 p.add_(torch.randn_like(p) * 0.3)
     return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cvae_process(*args, env_extra: dict | None = None, torchrun: int = 0,
+                 inject: str | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of `cvae ARGS` as its own process (under torchrun with
+    `torchrun` processes), with faults injected by tests/inject.py when `inject` names hooks."""
+    target = [str(REPO / "tests" / "inject.py"), inject, "--"] if inject else ["-m", "cvae_cli"]
+    launcher = [sys.executable, *target]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}  # torchrun's default, in both runs
+    return launcher + [str(a) for a in args], env
+
+
+def wait_for(condition: Callable[[], bool], what: str, limit_s: float = 300) -> None:
+    """Poll until `condition()`; the limit only keeps a broken test from hanging the suite."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)

@@ -113,9 +113,10 @@ def test_image_round_trips_to_png_and_reconstruct_reports_metrics(tmp_path, weig
     assert LatentFile.open(tmp_path / "img.safetensors").meta.fps is None
     r = cvae("decode", tmp_path / "img.safetensors", "-w", weights)
     assert r.exit_code == 0, r.output
-    assert next(media.read_frames(tmp_path / "img.png")).shape == (37, 45, 3)
+    assert next(media.read_frames(tmp_path / "img.decoded.png")).shape == (37, 45, 3)
     r = cvae("reconstruct", tmp_path / "img.png", "-w", weights, "--metrics-json", tmp_path / "m.json", "--side-by-side")
-    assert r.exit_code == 0, r.output and "PSNR" in r.output
+    assert r.exit_code == 0, r.output
+    assert "img.png: PSNR " in r.output and " dB, SSIM " in r.output and "over 1 frames" in r.output
     assert next(media.read_frames(tmp_path / "img.recon.png")).shape == (37, 90, 3)
     report = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "img.png")]
     assert report["frames"] == 1 and 0 < report["psnr"] < 60
@@ -221,24 +222,66 @@ def test_missing_default_weights_point_to_inflate(tmp_path, monkeypatch):
     assert_one_line_error(cvae("encode", "img.png"), "cvae inflate")
 
 
-def test_inflate_offline_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
-    r = cvae("inflate", "-o", tmp_path / "w.safetensors")
-    assert_one_line_error(r, "--from")
-    assert not (tmp_path / "w.safetensors").exists()
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """An empty Hugging Face cache and a hub endpoint that refuses connections, as a machine
+    without a network sees it; huggingface-hub reads its settings at import, hence the patches."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    return cache
 
 
-def test_inflate_from_local_file_and_info(tmp_path):
+@pytest.fixture(scope="module")
+def sd_vae(tmp_path_factory) -> Path:
+    """A tiny SD image VAE in the diffusers layout."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "sd.safetensors"))
-    r = cvae("inflate", "--from", tmp_path / "sd.safetensors", "--init", "center", "-o", tmp_path / "w.safetensors")
+    path = tmp_path_factory.mktemp("sd") / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    return path
+
+
+def test_inflate_offline_is_one_quick_line_that_says_how_to_pass_a_local_file(tmp_path, no_network):
+    r = cvae("inflate", "-o", tmp_path / "w.safetensors")
+    assert_one_line_error(r, "cannot reach the Hugging Face hub", "not in the local cache", "--from")
+    assert "Retry" not in r.output and not (tmp_path / "w.safetensors").exists()
+
+
+def test_inflate_takes_the_cached_sd_vae_without_asking_the_network(tmp_path, no_network, sd_vae):
+    from test_checkpoints import put_in_cache
+
+    put_in_cache(no_network, "stabilityai/sd-vae-ft-mse", {"diffusion_pytorch_model.safetensors": sd_vae})
+    r = cvae("inflate", "-o", tmp_path / "w.safetensors")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {tmp_path / 'w.safetensors'}" in r.output
+
+
+def test_a_missing_input_is_reported_before_any_weights_are_fetched(tmp_path, no_network):
+    r = cvae("encode", tmp_path / "nope.mp4", "-w", "owner/not-cached/vae")
+    assert_one_line_error(r, "no such file", "nope.mp4")
+
+
+def test_inflate_keeps_existing_weights_unless_overwrite(tmp_path, sd_vae):
+    existing = tmp_path / "w.safetensors"
+    existing.write_bytes(b"old weights")
+    assert_one_line_error(cvae("inflate", "--from", sd_vae, "-o", existing), "exists", "--overwrite")
+    assert existing.read_bytes() == b"old weights"
+    assert_one_line_error(cvae("inflate", "--from", sd_vae, "-o", tmp_path / "w.bin"),
+                          "weights are written as .safetensors")
+    assert cvae("inflate", "--from", sd_vae, "-o", existing, "--overwrite").exit_code == 0
+    assert existing.read_bytes() != b"old weights"
+
+
+def test_inflate_from_local_file_and_info(tmp_path, sd_vae):
+    r = cvae("inflate", "--from", sd_vae, "--init", "center", "-o", tmp_path / "w.safetensors")
     assert r.exit_code == 0, r.output
     assert "w.safetensors" in r.output and "MiB" in r.output
     r = cvae("info", tmp_path / "w.safetensors")
@@ -310,3 +353,181 @@ def test_unexpected_failures_are_one_line_too(tmp_path, weights, monkeypatch):
     assert r.exit_code == 2 and "No such option" in r.output
     r = cvae("encode", tmp_path / "img.png", "-w", weights, "--batch-size", "0")
     assert r.exit_code == 2 and "--batch-size" in r.output and "greater than" in r.output
+
+
+# --- what a new user met ------------------------------------------------------------------------
+
+def test_decode_after_encode_leaves_the_source_video_alone(tmp_path, weights):
+    video = make_video(tmp_path / "clip.mp4", frames=5)
+    before = video.read_bytes()
+    assert cvae("encode", video, "-w", weights).exit_code == 0
+    r = cvae("decode", tmp_path / "clip.safetensors", "-w", weights)
+    assert r.exit_code == 0, r.output
+    assert video.read_bytes() == before and media.probe(tmp_path / "clip.decoded.mp4").frame_count == 5
+    assert cvae("decode", tmp_path / "clip.safetensors", "-w", weights, "--overwrite").exit_code == 0
+    assert video.read_bytes() == before
+
+
+def test_no_command_writes_over_its_own_input(tmp_path, weights):
+    video = make_video(tmp_path / "v.mp4", frames=5)
+    before = video.read_bytes()
+    for args in (["reconstruct", video, "-o", video], ["reconstruct", video, "-o", tmp_path / "." / "v.mp4"]):
+        assert_one_line_error(cvae(*args, "-w", weights, "--overwrite"), "is an input of this command")
+    assert cvae("encode", video, "-w", weights).exit_code == 0
+    z = tmp_path / "v.safetensors"
+    latent = z.read_bytes()
+    assert_one_line_error(cvae("encode", z, "-o", z, "-w", weights, "--overwrite"), "is an input of this command")
+    assert video.read_bytes() == before and z.read_bytes() == latent
+
+
+def test_two_inputs_on_one_output_are_refused_before_any_work(tmp_path, weights):
+    media.write_image(tmp_path / "a.jpg", np.zeros((16, 16, 3), np.uint8))
+    media.write_image(tmp_path / "a.png", np.zeros((16, 16, 3), np.uint8))
+    r = cvae("encode", tmp_path / "a.*", "--out-dir", tmp_path / "out", "-w", weights)
+    assert_one_line_error(r, "a.jpg and", "a.png would both write", "a.safetensors")
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        media.write_image(tmp_path / folder / "b.jpg", np.zeros((16, 16, 3), np.uint8))
+    r = cvae("encode", tmp_path / "x" / "b.jpg", tmp_path / "y" / "b.jpg", "--out-dir", tmp_path / "out", "-w", weights)
+    assert_one_line_error(r, "would both write", "--manifest")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, output, message", [
+    ("encode", "photo.mp4", "latents are written as .safetensors, not .mp4"),
+    ("decode", "out.avi", "cannot write a video named .avi (use .mp4, .mov, .mkv, .webm)"),
+    ("decode", "out.png", "cannot write a video named .png"),  # a video's latent decodes to a video
+])
+def test_an_output_suffix_that_lies_is_refused(tmp_path, weights, command, output, message):
+    src = make_video(tmp_path / "v.mp4", frames=5)
+    if command == "decode":
+        assert cvae("encode", src, "-w", weights).exit_code == 0
+        src = tmp_path / "v.safetensors"
+    assert_one_line_error(cvae(command, src, "-o", tmp_path / output, "-w", weights), message)
+    assert not (tmp_path / output).exists()
+
+
+def test_webm_holds_vp9_and_keeps_an_odd_size_exactly(tmp_path, weights):
+    with media.VideoWriter(tmp_path / "odd.mp4", 24, 33, 17) as source:  # 33x17, as cvae itself writes it
+        for i in range(5):
+            source.write(np.full((17, 33, 3), 40 * i, np.uint8))
+    assert cvae("encode", tmp_path / "odd.mp4", "-w", weights).exit_code == 0
+    r = cvae("decode", tmp_path / "odd.safetensors", "-o", tmp_path / "odd.webm", "-w", weights)
+    assert r.exit_code == 0, r.output
+    with av.open(str(tmp_path / "odd.webm")) as c:  # as any player sees it
+        s = c.streams.video[0]
+        assert "webm" in c.format.name and s.codec_context.name == "vp9" and (s.width, s.height) == (33, 17)
+        assert sum(1 for _ in c.decode(s)) == 5
+    assert cvae("decode", tmp_path / "odd.safetensors", "-w", weights).exit_code == 0
+    with av.open(str(tmp_path / "odd.decoded.mp4")) as c:  # H.264 4:2:0: one repeated column and row
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (34, 18)
+    assert (media.probe(tmp_path / "odd.decoded.mp4").width, media.probe(tmp_path / "odd.decoded.mp4").height) == (33, 17)
+
+
+def test_a_one_frame_video_decodes_to_a_one_frame_video(tmp_path, weights):
+    make_video(tmp_path / "one.mp4", frames=1)
+    assert cvae("encode", tmp_path / "one.mp4", "-w", weights).exit_code == 0
+    assert cvae("decode", tmp_path / "one.safetensors", "-w", weights).exit_code == 0
+    info = media.probe(tmp_path / "one.decoded.mp4")
+    assert not info.is_image and info.frame_count == 1
+    assert "a video's latent, even of one frame, decodes to a video" in " ".join(cvae("decode", "--help").output.split())
+
+
+def test_latents_that_lie_or_hold_nan_are_refused(tmp_path, weights):
+    make_video(tmp_path / "v.mp4", frames=9)
+    assert cvae("encode", tmp_path / "v.mp4", "-w", weights).exit_code == 0
+    good = LatentFile.open(tmp_path / "v.safetensors")
+    meta, latent = good.meta, good.read()
+    save_file({"latent": latent[:, :2].contiguous()}, str(tmp_path / "short.safetensors"), metadata=meta.to_metadata())
+    assert_one_line_error(cvae("decode", tmp_path / "short.safetensors", "-w", weights), "but its metadata (9 frames")
+    latent[0, 1, 2, 3] = float("nan")
+    save_file({"latent": latent}, str(tmp_path / "nan.safetensors"), metadata=meta.to_metadata())
+    assert_one_line_error(cvae("decode", tmp_path / "nan.safetensors", "-w", weights), "NaN or infinite")
+    assert not list(tmp_path.glob("*.decoded.*")) and not list(tmp_path.glob(".*"))
+
+
+def test_force_never_decodes_latents_of_another_architecture(tmp_path, weights):
+    shallow = random_model(seed=2, norm="frame", encoder_spatial_downsample=("SpatialDownsample2x", "", "", ""),
+                           decoder_spatial_upsample=("", "", "", "SpatialUpsample2x"))
+    other = save_model(shallow, tmp_path / "shallow.safetensors")
+    make_video(tmp_path / "v.mp4", frames=5)
+    assert cvae("encode", tmp_path / "v.mp4", "-w", weights).exit_code == 0
+    r = cvae("decode", tmp_path / "v.safetensors", "-w", other, "--force")
+    assert_one_line_error(r, "another architecture (space compression 8, not 2)", "--force cannot decode it")
+    assert not (tmp_path / "v.decoded.mp4").exists()
+
+
+def test_version_info_on_media_and_help_without_bool_placeholders(tmp_path):
+    r = cvae("--version")
+    assert r.exit_code == 0 and r.output.startswith("cvae ")
+    make_video(tmp_path / "v.mp4", frames=7, width=94, height=70)
+    r = cvae("info", tmp_path / "v.mp4")
+    assert r.exit_code == 0 and "Unpickl" not in r.output
+    assert f"{tmp_path / 'v.mp4'}: video, 94x70, h264" in r.output and "frames: 7" in r.output and "fps: 24" in r.output
+    media.write_image(tmp_path / "p.jpg", np.zeros((20, 30, 3), np.uint8))
+    assert f"{tmp_path / 'p.jpg'}: image, 30x20, JPEG" in cvae("info", tmp_path / "p.jpg").output
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_one_line_error(cvae("info", tmp_path / "notes.txt"), "describes videos, images, latents and weights")
+    for command in ("encode", "decode", "reconstruct", "inflate"):
+        help_text = cvae(command, "--help").output
+        assert "<bool>" not in help_text and "--quiet" in help_text
+    assert "(one input only)" not in cvae("inflate", "--help").output
+    assert "Audio and alpha are dropped" in " ".join(cvae("encode", "--help").output.split())
+    assert "after --fps resampling" in " ".join(cvae("encode", "--help").output.split())
+
+
+def test_dry_run_lists_the_jobs_and_notices_a_missing_file(tmp_path, weights):
+    make_video(tmp_path / "a.mp4", frames=5)
+    r = cvae("encode", tmp_path / "a.mp4", tmp_path / "gone.mp4", "--out-dir", tmp_path / "z", "--dry-run", "-w", weights)
+    assert r.exit_code == 1
+    assert f"{tmp_path / 'a.mp4'} -> {tmp_path / 'z' / 'a.safetensors'}" in r.output
+    assert f"error: no such file: {tmp_path / 'gone.mp4'}" in r.output and not (tmp_path / "z").exists()
+
+
+def test_a_later_run_removes_what_a_killed_one_left_and_outputs_are_readable_by_others(tmp_path, weights):
+    from cvae_cli.atomic import FILE_MODE
+
+    make_video(tmp_path / "v.mp4", frames=5)
+    left = [tmp_path / ".v.safetensors.x1y2.latent.raw", tmp_path / ".v.safetensors.q9.part.safetensors"]
+    for p in left:
+        p.write_bytes(b"half")
+    assert cvae("encode", tmp_path / "v.mp4", "-w", weights).exit_code == 0
+    assert not any(p.exists() for p in left)
+    assert (tmp_path / "v.safetensors").stat().st_mode & 0o777 == FILE_MODE
+
+
+def test_progress_in_a_log_is_a_line_every_few_seconds_of_frames_through_the_model(tmp_path, weights, monkeypatch):
+    from cvae_cli.cli import Output
+
+    monkeypatch.setattr(Output, "every_s", 0.0)  # a line at every step
+    make_video(tmp_path / "v.mp4", frames=13)
+    r = cvae("encode", tmp_path / "v.mp4", "-w", weights, "--chunk", "4")
+    assert r.exit_code == 0, r.output
+    counts = [line.split(": ")[1].split(" frames")[0] for line in r.output.splitlines() if "frames/s" in line]
+    # frames become latents 1 + 4 at a time: 5, 9, 13, never all 13 read up front
+    assert counts == ["5/13", "9/13", "13/13"], r.output
+
+
+def test_auto_mode_windows_a_clip_norm_model_and_stream_warns(tmp_path):
+    clip_norm = save_model(random_model(), tmp_path / "clip.safetensors")  # the released layout
+    make_video(tmp_path / "v.mp4", frames=9, width=32, height=24)
+    assert cvae("encode", tmp_path / "v.mp4", "-w", clip_norm, "-o", tmp_path / "auto.safetensors").exit_code == 0
+    assert cvae("encode", tmp_path / "v.mp4", "-w", clip_norm, "-o", tmp_path / "window.safetensors",
+                "--mode", "window").exit_code == 0
+    assert torch.equal(LatentFile.open(tmp_path / "auto.safetensors").read(),
+                       LatentFile.open(tmp_path / "window.safetensors").read())
+    r = cvae("encode", tmp_path / "v.mp4", "-w", clip_norm, "-o", tmp_path / "s.safetensors", "--mode", "stream")
+    assert r.exit_code == 0
+    warnings = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "only approximates this model" in warnings[0]
+
+
+def test_a_sample_does_not_depend_on_the_chunk(tmp_path, weights):
+    make_video(tmp_path / "v.mp4", frames=17)
+    for chunk in ("4", "8", "16"):
+        assert cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / f"s{chunk}.safetensors", "-w", weights,
+                    "--sample", "--seed", "7", "--chunk", chunk).exit_code == 0
+    samples = [LatentFile.open(tmp_path / f"s{c}.safetensors").read() for c in ("4", "8", "16")]
+    assert rel_err(samples[1], samples[0]) < 1e-5 and rel_err(samples[2], samples[0]) < 1e-5
+    assert cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / "mean.safetensors", "-w", weights).exit_code == 0
+    assert rel_err(samples[0], LatentFile.open(tmp_path / "mean.safetensors").read()) > 1e-3  # it is a sample

@@ -10,11 +10,14 @@ from safetensors.torch import load_file, save_file
 
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import FORMAT_VERSION, LatentFile, LatentMeta, LatentWriter, check_compatible
+from cvae_cli.model import CausalVAEConfig
 
 
-def make_meta(**kw):
+def make_meta(t: int = 5, **kw):
+    """Metadata for `t` latent frames of 8x13 (what `rand` makes): 1 + 4(t-1) frames of 100x60."""
+    frames = 1 + 4 * (t - 1)
     base = dict(model_id="abc123", model_config=json.dumps({"embed_dim": 4, "z_channels": 4}),
-                frames=17, height=60, width=100, padded_frames=17, padded_height=64,
+                frames=frames, height=60, width=100, padded_frames=frames, padded_height=64,
                 padded_width=104, fps=Fraction(30000, 1001), source="in.mp4")
     return LatentMeta(**{**base, **kw})
 
@@ -54,7 +57,7 @@ def test_roundtrip_with_logvar(tmp_path, dtype):
 
 def test_chunked_append_equals_one_shot(tmp_path):
     lat, lv = rand(t=10, seed=3), rand(t=10, seed=4)
-    meta = make_meta(dtype="bfloat16")
+    meta = make_meta(10, dtype="bfloat16")
     LatentFile.save(tmp_path / "one.safetensors", lat, meta, logvar=lv)
     with LatentWriter(tmp_path / "chunks.safetensors", meta, with_logvar=True) as w:
         t0 = 0
@@ -68,15 +71,15 @@ def test_chunked_append_equals_one_shot(tmp_path):
 
 def test_small_copy_blocks_give_same_file(tmp_path, monkeypatch):
     lat = rand(t=7, seed=5)
-    LatentFile.save(tmp_path / "a.safetensors", lat, make_meta())
+    LatentFile.save(tmp_path / "a.safetensors", lat, make_meta(7))
     monkeypatch.setattr("cvae_cli.latents._COPY_BLOCK_BYTES", 1)  # one frame per write
-    LatentFile.save(tmp_path / "b.safetensors", lat, make_meta())
+    LatentFile.save(tmp_path / "b.safetensors", lat, make_meta(7))
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
 def test_iter_chunks_reconstructs(tmp_path):
     lat = rand(t=10, seed=6)
-    f = LatentFile.save(tmp_path / "z.safetensors", lat, make_meta())
+    f = LatentFile.save(tmp_path / "z.safetensors", lat, make_meta(10))
     chunks = list(f.iter_chunks(3))
     assert [c.shape[1] for c in chunks] == [3, 3, 3, 1]
     assert torch.equal(torch.cat(chunks, dim=1), lat)
@@ -206,3 +209,36 @@ def test_check_compatible():
     assert str(e.value).startswith("z.safetensors was encoded with weights abc123, but the loaded "
                                    "weights are def456 (pass --weights")
     assert "--force" in str(e.value)
+    check_compatible(make_meta(), "def456", force=True)
+    same = CausalVAEConfig(norm="frame", hidden_size=64, encoder_attention="AttnBlock3DFix")  # latents alike
+    check_compatible(make_meta(), "def456", same, force=True)
+    other = CausalVAEConfig(encoder_spatial_downsample=("SpatialDownsample2x",) * 2 + ("", ""), embed_dim=8)
+    with pytest.raises(CvaeError, match=r"another architecture \(latent channels 4, not 8; space compression 8, "
+                                        r"not 4\): pass the --weights that made it \(--force cannot"):
+        check_compatible(make_meta(), "def456", other, where="z.safetensors", force=True)
+
+
+def test_shapes_that_disagree_with_the_metadata_are_refused(tmp_path):
+    p = tmp_path / "z.safetensors"
+    save_file({"latent": rand(t=4)}, p, metadata=make_meta(5).to_metadata())  # 16 of 17 frames
+    assert one_line_error(p) == (f"{p}: 'latent' has shape (4, 4, 8, 13), but its metadata (17 frames of 100x60) "
+                                 "needs (4, 5, 8, 13)")
+    save_file({"latent": rand(h=10, w=10)}, p, metadata=make_meta().to_metadata())  # 80x80, says 100x60
+    assert "has shape (4, 5, 10, 10)" in one_line_error(p)
+    save_file({"latent": rand()}, p, metadata={**make_meta().to_metadata(), "cvae.padded_frames": "21"})
+    assert "its metadata disagrees with itself (17 frames of 100x60 pad to 17 of 104x64, not 21" in one_line_error(p)
+    save_file({"latent": rand()}, p, metadata={**make_meta().to_metadata(), "cvae.frame_times": "1/30:0,1"})
+    assert "lists 2 frame times for 17 frames" in one_line_error(p)
+
+
+def test_nan_or_inf_latents_are_refused_when_read(tmp_path):
+    lat = rand(t=6)
+    lat[1, 4, 2, 3] = float("nan")
+    f = LatentFile.save(tmp_path / "z.safetensors", lat, make_meta(6))
+    chunks = f.iter_chunks(2)
+    assert torch.equal(next(chunks), lat[:, :2]) and torch.equal(next(chunks), lat[:, 2:4])
+    with pytest.raises(CvaeError, match=r"'latent' holds NaN or infinite values \(latent frames 4..5\)"):
+        next(chunks)
+    lat[1, 4, 2, 3] = float("inf")
+    with pytest.raises(CvaeError, match="NaN or infinite"):
+        LatentFile.save(tmp_path / "inf.safetensors", lat, make_meta(6)).read()

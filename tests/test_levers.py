@@ -224,7 +224,7 @@ def test_pixels_become_minus_one_to_one_in_float32_before_the_cast():
     from cvae_cli.stream import frames_to_pixels
 
     frames = [np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)]
-    got = frames_to_pixels(frames, StreamOptions(dtype=torch.bfloat16))
+    got = frames_to_pixels(frames, torch.device("cpu"), torch.bfloat16)
     exact = (torch.arange(256, dtype=torch.float64) / 127.5 - 1).to(torch.bfloat16)
     assert torch.equal(got[0, 0, 0].reshape(-1), exact)
 

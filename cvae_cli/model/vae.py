@@ -1,6 +1,7 @@
 """Encoder, decoder, posterior and the `CausalVAE` that ties them, keyed like Open-Sora-Plan."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -273,10 +274,25 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
-                            device=generator.device if generator is not None else self.mean.device)
-        return self.mean + self.std * noise.to(self.mean.device)
+    def sample(self, generator: torch.Generator | None = None, *, seed: int | None = None,
+               first_frame: int = 0) -> torch.Tensor:
+        """mean + std * noise. With `seed`, the noise of latent frame t depends only on
+        (seed, first_frame + t), not on how the clip was cut: a video sampled chunk by chunk gets
+        the sample it would get whole (rows of a batch share it)."""
+        if seed is None:
+            noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
+                                device=generator.device if generator is not None else self.mean.device)
+        else:
+            b, c, t, h, w = self.mean.shape
+            noise = torch.stack([torch.randn((b, c, h, w), generator=torch.Generator().manual_seed(
+                _frame_seed(seed, first_frame + i))) for i in range(t)], dim=2)
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+
+
+def _frame_seed(seed: int, frame: int) -> int:
+    """A well-mixed 63-bit seed for one latent frame of a seeded sample."""
+    digest = hashlib.blake2b(f"{seed}:{frame}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class CausalVAE(nn.Module):

@@ -1,45 +1,46 @@
-"""Whole datasets: manifests, resumable runs, and many processes through torch.distributed.
+"""Whole datasets: manifests, planning who encodes what, resumable runs, the summary.
 
 A manifest lists clips; every clip's output mirrors its path relative to the manifest's folder
 under `out_dir` (`videos/a/b.mp4` -> `OUT/videos/a/b.safetensors`). A run is resumable because
 outputs appear atomically (`latents.LatentWriter`): an output that opens as a latent file is
-complete and is skipped; anything else is (re)done. Stale temporary files of a killed run
-(`.NAME.*.part.safetensors`, `.NAME.*.latent.raw`) are removed by the rank that owns NAME before it
-touches NAME. Run one job per output folder at a time.
+complete and is skipped; anything else is (re)done. Stale temporary files of a killed run are
+removed by the rank that owns the output before it touches it (`atomic.remove_stale`). Run one
+job per output folder at a time.
 
-Many processes: launch the same command under `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK come from
-the environment). Every rank reads the whole manifest, surveys a strided share of it (is the output
-complete? how many frames?), and the surveys are exchanged with `all_gather_object`, so every rank
-computes the same plan: `split` assigns pending clips greedily, longest first, to the least-loaded
-rank (LPT), ties broken by manifest order and rank number, so the split is deterministic and
-balanced by frame count. Frame counts come from the container header (minus `start`, or
-`end - start` when the manifest gives `end`, scaled by a manifest `fps`); a clip whose header says
-nothing is estimated from its file size at the mean bytes-per-frame of the others.
+Many processes (`distributed.Dist`, under torchrun): every rank reads the whole manifest, surveys
+a strided share of it (is the output complete? how many frames?), and the surveys are exchanged,
+so every rank computes the same plan: `split` assigns pending clips greedily, longest first, to
+the least-loaded rank (LPT), ties broken by manifest order and rank number, so the split is
+deterministic and balanced by frame count. Frame counts come from the container header (minus
+`start`, or `end - start` when the manifest gives `end`, scaled by a manifest `fps`); a clip whose
+header says nothing is estimated from its file size at the mean bytes-per-frame of the others.
 
-Failures never stop a run: each is appended, as it happens, to `OUT/.cvae/failures.rank-R.jsonl` (so
-an interrupted run leaves a record), and at the end rank 0 gathers all of them into
-`OUT/failures.jsonl` and the totals into `OUT/summary.json` (both written atomically) and removes
-the per-rank logs. Only rank 0 prints the summary.
+A clip that fails on its own (`pipeline.per_input`: unreadable, truncated, out of memory) is
+appended, as it happens, to `OUT/.cvae/failures.rank-R.jsonl` (so an interrupted run leaves a
+record) and the run goes on; any other failure ends the run (and, through `Dist.session`, every
+rank). At the end rank 0 gathers all failures into `OUT/failures.jsonl` and the totals into
+`OUT/summary.json` (both written atomically) and removes the per-rank logs.
 """
 from __future__ import annotations
 
 import csv
 import datetime
-import glob
 import heapq
 import json
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from .atomic import atomic_path
+from . import media
+from .atomic import atomic_path, remove_stale
+from .distributed import Dist
 from .errors import CvaeError, describe
 from .latents import LatentFile
-from .pipeline import Selection
+from .outputs import refuse_unsafe
+from .pipeline import Options, ProgressFactory, Selection, encode_many
 
 SUFFIX = ".safetensors"
 RUN_DIR = ".cvae"  # per-rank live failure logs, under out_dir
@@ -176,136 +177,29 @@ def mirror(src: Path, base: Path) -> str:
     return rel.replace(os.sep, "/")
 
 
-# --- completeness and temporary files ----------------------------------------------------------
+# --- completeness ------------------------------------------------------------------------------
 
 def is_complete(dst: Path) -> bool:
     """True when `dst` is a finished latent file (outputs appear atomically, so one that opens is whole)."""
     if not dst.is_file():
         return False
     try:
-        LatentFile.open(dst)
+        LatentFile.open(dst).close()
     except CvaeError:
         return False
     return True
-
-
-def clean_stale(dst: Path) -> list[Path]:
-    """Remove temporary files a killed writer of `dst` left beside it; return what was removed."""
-    removed = []
-    for p in glob.glob(os.path.join(glob.escape(str(dst.parent)), "." + glob.escape(dst.name) + ".*")):
-        if p.endswith((".part" + dst.suffix, ".latent.raw", ".logvar.raw")):
-            try:
-                os.unlink(p)
-                removed.append(Path(p))
-            except FileNotFoundError:
-                pass
-    return removed
-
-
-# --- distributed glue --------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int | None = None
-    started: bool = False
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            rank = int(os.environ.get("RANK", "0"))
-            local = os.environ.get("LOCAL_RANK")
-            local_rank = int(local) if local is not None else None
-        except ValueError:
-            raise CvaeError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers") from None
-        if world < 1 or not 0 <= rank < world:
-            raise CvaeError(f"RANK={rank} is not within WORLD_SIZE={world}")
-        return cls(rank, world, local_rank)
-
-    def device(self, device: str) -> str:
-        """`auto`/`cuda` -> `cuda:LOCAL_RANK` under torchrun; an explicit `cuda:N` or `cpu` stays."""
-        import torch
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and self.local_rank is not None:
-            return f"cuda:{self.local_rank}"
-        return device
-
-    def start(self, device: str) -> None:
-        """Join the process group (only when WORLD_SIZE > 1): nccl for CUDA devices, else gloo
-        (CVAE_DIST_BACKEND overrides). The timeout (CVAE_DIST_TIMEOUT_S, default 48 h) bounds how
-        long a rank that finished its share waits for the slowest one."""
-        if self.world == 1 or self.started:
-            return
-        import torch
-        import torch.distributed as td
-
-        cuda = str(device).startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(torch.device(device))
-        backend = os.environ.get("CVAE_DIST_BACKEND") or ("nccl" if cuda else "gloo")
-        try:
-            timeout = datetime.timedelta(seconds=float(os.environ.get("CVAE_DIST_TIMEOUT_S", 48 * 3600)))
-            td.init_process_group(backend=backend, timeout=timeout)
-        except (RuntimeError, ValueError) as e:  # no MASTER_ADDR, unreachable rendezvous, bad backend
-            raise CvaeError(f"cannot join the torch.distributed group (rank {self.rank} of {self.world}, "
-                            f"{backend}): {e}") from None
-        self.started = True
-
-    def gather(self, obj: Any) -> list:
-        """Every rank's `obj`, on every rank, in rank order."""
-        if not self.started:
-            return [obj]
-        import torch.distributed as td
-
-        out: list = [None] * self.world
-        td.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.started:
-            import torch.distributed as td
-
-            td.destroy_process_group()
-            self.started = False
-
-    @contextmanager
-    def session(self, device: str) -> Iterator[Dist]:
-        self.start(device)
-        try:
-            yield self
-        finally:
-            self.close()
 
 
 # --- planning ---------------------------------------------------------------------------------
 
 def estimate_frames(clip: Clip) -> int | None:
     """The frames a clip will yield, from its selection and the container's claim (None: unknown)."""
-    from . import media
-
     if clip.end is not None and clip.fps is None:
         return clip.end - (clip.start or 0)
     try:
-        info = media.probe(clip.path)
-    except Exception:
+        return clip.selection().expected_frames(media.probe(clip.path))
+    except Exception:  # planning only: the clip's own run says what is wrong with it
         return None
-    if info.is_image:
-        return 1
-    if info.frame_count is None:
-        return None
-    frames = float(info.frame_count)
-    if clip.fps and info.fps:
-        frames *= clip.fps / float(info.fps)
-    frames -= clip.start or 0
-    if clip.end is not None:
-        frames = min(frames, clip.end - (clip.start or 0))
-    return max(1, round(frames))
 
 
 def split(weights: Sequence[float], world: int) -> list[int]:
@@ -339,17 +233,22 @@ class Plan:
         return [i for i, r in enumerate(self.owner) if r == rank]
 
     def lines(self) -> Iterator[str]:
-        """Dry-run listing."""
+        """Dry-run listing: what each clip will be, and the inputs that are missing."""
+        missing = 0
         for i, clip in enumerate(self.clips):
             who = f" [rank {self.owner[i]}]" if self.world > 1 else ""
             if self.complete[i]:
-                yield f"skip   {self.output(i)} (complete){who}"
+                yield f"skip    {self.output(i)} (complete){who}"
+            elif not clip.path.is_file():
+                missing += 1
+                yield f"missing {clip.path} (line {clip.line}): it will fail{who}"
             else:
                 sel = clip.record()
                 extra = ", ".join(f"{k} {sel[k]}" for k in ("start", "end", "fps", "size") if k in sel)
-                yield f"encode {clip.path} -> {self.output(i)}{f' ({extra})' if extra else ''}{who}"
-        pending = self.complete.count(False)
-        yield f"{pending} to encode, {len(self.clips) - pending} complete, {self.world} process(es)"
+                yield f"encode  {clip.path} -> {self.output(i)}{f' ({extra})' if extra else ''}{who}"
+        pending = self.complete.count(False) - missing
+        yield (f"{pending} to encode, {len(self.clips) - pending - missing} complete, {missing} missing, "
+               f"{self.world} process(es)")
         if self.world > 1:
             loads = [0.0] * self.world
             for i, r in enumerate(self.owner):
@@ -358,8 +257,10 @@ class Plan:
 
 
 def make_plan(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), overwrite: bool = False) -> Plan:
-    """Survey a strided share per rank, exchange the surveys, and split the pending clips."""
+    """Survey a strided share per rank, exchange the surveys, and split the pending clips.
+    CvaeError when an output would be one of the manifest's inputs."""
     out_dir = Path(out_dir)
+    refuse_unsafe([(clip.path, out_dir / Path(*clip.output.parts)) for clip in clips])
     survey = {}
     for i in range(dist.rank, len(clips), dist.world):
         dst = out_dir / Path(*clips[i].output.parts)
@@ -425,105 +326,96 @@ class Summary:
 
 
 Note = Callable[[str], None]
-ProgressFactory = Callable[[str, "int | None"], ContextManager[Callable[[int], None]]]
 
 
 def failure_log(out_dir: Path, rank: int) -> Path:
     return Path(out_dir) / RUN_DIR / f"failures.rank-{rank}.jsonl"
 
 
-def run_plan(model, plan: Plan, options, select: Selection = Selection(), *, rank: int = 0,
-             seed: int | None = None, save_logvar: bool = False, overwrite: bool = False, batch_size: int = 1,
-             note: Note | None = None, progress: ProgressFactory | None = None) -> tuple[Summary, list[dict]]:
-    """Encode this rank's share of `plan`, `batch_size` clips of one model size at a time; never
-    raises for a bad clip. `options` is a StreamOptions or a function (source path, Selection) ->
-    StreamOptions. Returns this rank's summary and failures."""
-    from .checkpoints import model_id
-    from .pipeline import batched, encode_files, size_key
+class _FailureLog:
+    """This rank's failures: kept for the summary, and appended to its live log as they happen."""
 
-    note = note or (lambda message: None)
-    want_id = model_id(model)
-    log_path = failure_log(plan.out_dir, rank)
-    log = None
-    failures: list[dict] = []
-    summary = Summary(world_size=1)
-    t0 = time.perf_counter()
-
-    def fail(clip: Clip, error: BaseException | str):
-        nonlocal log
-        error = error if isinstance(error, str) else describe(error)
-        record = {**clip.record(), "error": error, "rank": rank,
-                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        failures.append(record)
-        summary.failed += 1
-        note(f"failed {error}" if str(clip.path) in error else f"failed {clip.path}: {error}")
+    def __init__(self, out_dir: Path, rank: int, note: Note):
+        self.path, self.rank, self.note = failure_log(out_dir, rank), rank, note
+        self.records: list[dict] = []
+        self._file = None
         try:
-            if log is None:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = open(log_path, "w", encoding="utf-8")
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            self.path.unlink(missing_ok=True)  # this rank's log of an earlier run; this run's starts afresh
+        except OSError:
+            pass
+
+    def add(self, clip: Clip, error: BaseException | str) -> None:
+        error = error if isinstance(error, str) else describe(error)
+        record = {**clip.record(), "error": error, "rank": self.rank,
+                  "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        self.records.append(record)
+        self.note(f"failed {error}" if str(clip.path) in error else f"failed {clip.path}: {error}")
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "w", encoding="utf-8")
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         except OSError:
             pass  # the record still reaches failures.jsonl at the end
 
-    try:
-        log_path.unlink(missing_ok=True)  # this rank's log of an earlier run; this run's starts afresh
-    except OSError:
-        pass
-    try:
+    def __enter__(self) -> _FailureLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(), *, rank: int = 0,
+             seed: int | None = None, save_logvar: bool = False, overwrite: bool = False, batch_size: int = 1,
+             note: Note | None = None, progress: ProgressFactory | None = None) -> tuple[Summary, list[dict]]:
+    """Encode this rank's share of `plan`, `batch_size` clips of one model size at a time. A clip
+    that fails on its own is recorded and the run goes on (`pipeline.per_input`); anything else
+    raises. Returns this rank's summary and failures."""
+    from .checkpoints import model_id
+
+    note = note or (lambda message: None)
+    want_id = model_id(model)
+    summary = Summary(world_size=1)
+    t0 = time.perf_counter()
+    with _FailureLog(plan.out_dir, rank, note) as log:
         pending = []
         for i in plan.mine(rank):
             clip, dst = plan.clips[i], plan.output(i)
             summary.clips += 1
-            clean_stale(dst)
+            remove_stale(dst)
             if not plan.complete[i] or overwrite:
                 pending.append(i)
                 continue
             try:
-                made_by = LatentFile.open(dst).meta.model_id
+                with LatentFile.open(dst) as done:
+                    made_by = done.meta.model_id
             except CvaeError as e:
-                fail(clip, e)
+                log.add(clip, e)
                 continue
             if made_by != want_id:
-                fail(clip, f"{dst} exists but was encoded with weights {made_by}, not {want_id} "
-                           "(use --overwrite or another --out-dir)")
+                log.add(clip, f"{dst} exists but was encoded with weights {made_by}, not {want_id} "
+                              "(use --overwrite or another --out-dir)")
             else:
                 summary.skipped += 1
-        job = {i: (plan.clips[i].path, plan.output(i), plan.clips[i].selection(select)) for i in pending}
-        for group in batched(pending, batch_size, key=lambda i: size_key(job[i][0], job[i][2])):
-            jobs = [job[i] for i in group]
-            src, _, first = jobs[0]
-            name = src.name if len(jobs) == 1 else f"{len(jobs)} clips"
-            total = sum(int(plan.frames[i]) for i in group) or None
-            t = time.perf_counter()
-            try:
-                opts = options(src, first) if callable(options) else options
-                with (progress(name, total) if progress else nullcontext(None)) as advance:
-                    outcomes = encode_files(model, jobs, opts, seed=seed, save_logvar=save_logvar, progress=advance)
-            except Exception as e:  # a bad clip or batch must not end a run of millions: record it, go on
-                outcomes = [e] * len(jobs)
-                if not isinstance(e, CvaeError):
-                    _free_cuda()
-            rate = sum(o.frames for o in outcomes if not isinstance(o, BaseException)) / max(time.perf_counter() - t, 1e-9)
-            for i, (src, dst, _), outcome in zip(group, jobs, outcomes):
-                if isinstance(outcome, BaseException):
-                    fail(plan.clips[i], outcome)
-                    continue
-                summary.done += 1
-                summary.frames += outcome.frames
-                note(f"done {src} -> {dst} ({outcome.frames} frames, {rate:.1f} frames/s)")
-    finally:
-        if log is not None:
-            log.close()
+
+        jobs = [(plan.clips[i].path, plan.output(i), plan.clips[i].selection(select)) for i in pending]
+        started = time.perf_counter()
+        for k, outcome in encode_many(model, jobs, options, batch_size=batch_size, seed=seed,
+                                      save_logvar=save_logvar, progress=progress):
+            clip, dst = plan.clips[pending[k]], jobs[k][1]
+            if isinstance(outcome, BaseException):
+                log.add(clip, outcome)
+                continue
+            summary.done += 1
+            summary.frames += outcome.frames
+            rate = summary.frames / max(time.perf_counter() - started, 1e-9)
+            note(f"done {clip.path} -> {dst} ({outcome.frames} frames, {rate:.1f} frames/s)")
+        summary.failed = len(log.records)
+        failures = log.records
     summary.seconds = time.perf_counter() - t0
     return summary, failures
-
-
-def _free_cuda() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def finish(dist: Dist, out_dir: Path, summary: Summary, failures: list[dict]) -> Summary:
@@ -547,11 +439,12 @@ def finish(dist: Dist, out_dir: Path, summary: Summary, failures: list[dict]) ->
     return total
 
 
-def run_manifest(model, clips: list[Clip], out_dir: Path, options, select: Selection = Selection(), *,
+def run_manifest(model, clips: list[Clip], out_dir: Path, options: Options, select: Selection = Selection(), *,
                  dist: Dist | None = None, seed: int | None = None, save_logvar: bool = False,
                  overwrite: bool = False, batch_size: int = 1, note: Note | None = None,
                  progress: ProgressFactory | None = None) -> Summary:
-    """Plan, encode this rank's share, gather: the whole job for one process (`dist` already started)."""
+    """The whole dataset job for this process: plan, encode this rank's share, gather the summary
+    (`dist` already started, or one process)."""
     dist = dist or Dist()
     plan = make_plan(clips, out_dir, dist, overwrite)
     summary, failures = run_plan(model, plan, options, select, rank=dist.rank, seed=seed,

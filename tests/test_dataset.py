@@ -2,23 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path, PurePosixPath
 
 import pytest
 from typer.testing import CliRunner
 
-from cvae_cli import batch
+from cvae_cli import dataset
 from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile
-from conftest import REPO, random_model, rel_err
+from conftest import REPO, cvae_process, random_model, rel_err, wait_for
 from test_cli import make_video
 
 runner = CliRunner()
@@ -30,7 +26,7 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def videos(tmp_path_factory) -> Path:
     """Six small clips of 5 to 9 frames in nested folders, one corrupt file, and a manifest."""
     root = tmp_path_factory.mktemp("data")
     names = ["a.mp4", "b/c.mp4", "b/d.mp4", "e/f/g.mp4", "h.mp4", "i.mp4"]
@@ -40,21 +36,6 @@ def dataset(tmp_path_factory) -> Path:
     (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
     (root / "list.txt").write_text("# clips\n" + "\n".join(names[:3] + ["broken.mp4"] + names[3:]) + "\n")
     return root
-
-
-def cvae_process(*args, env_extra=None, torchrun: int = 0) -> tuple[list[str], dict]:
-    launcher = [sys.executable, "-m", "cvae_cli"]
-    if torchrun:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "cvae_cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}  # torchrun's default, in both runs
-    return launcher + [str(a) for a in args], env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finished(folder: Path) -> list[Path]:
@@ -71,18 +52,18 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 def test_manifest_formats_fields_and_mirrored_outputs(tmp_path):
     (tmp_path / "m.txt").write_text("x/a.mp4\n\n# note\nb.png\nx/a.mp4\n/abs/c.mp4\n../up.mp4\n")
-    clips = batch.read_manifest(tmp_path / "m.txt")
+    clips = dataset.read_manifest(tmp_path / "m.txt")
     assert [c.output for c in clips] == [PurePosixPath(p) for p in
                                          ("x/a.safetensors", "b.safetensors", "abs/c.safetensors",
                                           f"{tmp_path.parent.relative_to('/')}/up.safetensors")]
     assert clips[0].path == tmp_path / "x" / "a.mp4" and clips[0].line == 1
     (tmp_path / "m.csv").write_text("path,start,end,fps,size\nv.mp4,2,10,12.5,64x48\nw.mp4,,,,\n")
-    v, w = batch.read_manifest(tmp_path / "m.csv")
+    v, w = dataset.read_manifest(tmp_path / "m.csv")
     assert (v.start, v.end, v.fps, v.size, v.line) == (2, 10, 12.5, (64, 48), 2)
-    assert v.selection(batch.Selection(max_side=32)).size == (64, 48) and w.selection().start == 0
+    assert v.selection(dataset.Selection(max_side=32)).size == (64, 48) and w.selection().start == 0
     (tmp_path / "m.jsonl").write_text('{"path": "v.mp4", "end": 3, "size": [32, 16], "output": "o/v1.safetensors"}\n'
                                       '{"path": "v.mp4", "start": 3}\n')
-    one, two = batch.read_manifest(tmp_path / "m.jsonl")
+    one, two = dataset.read_manifest(tmp_path / "m.jsonl")
     assert (one.output, one.end, one.size, two.output, two.start) == (
         PurePosixPath("o/v1.safetensors"), 3, (32, 16), PurePosixPath("v.safetensors"), 3)
 
@@ -99,27 +80,18 @@ def test_manifest_formats_fields_and_mirrored_outputs(tmp_path):
 def test_bad_manifests_are_one_clear_error(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(CvaeError, match=message.replace("(", r"\(")):
-        batch.read_manifest(tmp_path / name)
+        dataset.read_manifest(tmp_path / name)
 
 
 def test_split_is_deterministic_balanced_and_complete():
     weights = [9, 1, 5, 5, 3, 7, 2, 8, 4, 6]
-    owner = batch.split(weights, 3)
-    assert owner == batch.split(list(weights), 3)
+    owner = dataset.split(weights, 3)
+    # by hand: longest first onto the least-loaded rank, a tie of loads to the lower rank
+    assert owner == [0, 0, 1, 0, 2, 2, 0, 1, 1, 2]
     loads = [sum(w for w, r in zip(weights, owner) if r == rank) for rank in range(3)]
     assert sorted(loads) == [16, 17, 17]
-    assert batch.split([1, 1, 1, 1], 2) == [0, 1, 0, 1] and batch.split([], 4) == []
-    assert batch.split([5, 5], 4) == [0, 1]
-
-
-def test_clean_stale_removes_only_leftovers_of_that_output(tmp_path):
-    dst = tmp_path / "a.safetensors"
-    stale = [tmp_path / ".a.safetensors.k3j_x1.part.safetensors", tmp_path / ".a.safetensors.zz.latent.raw"]
-    keep = [tmp_path / ".ab.safetensors.q.latent.raw", tmp_path / "a.safetensors.notes"]
-    for p in stale + keep:
-        p.write_bytes(b"x")
-    assert sorted(batch.clean_stale(dst)) == sorted(stale)
-    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert dataset.split([1, 1, 1, 1], 2) == [0, 1, 0, 1] and dataset.split([], 4) == []
+    assert dataset.split([5, 5], 4) == [0, 1]
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -131,7 +103,9 @@ def test_jsonl_manifest_per_clip_selection_dry_run_and_skip(tmp_path, weights):
         '{"path": "v.mp4"}\n{"path": "missing.mp4"}\n')
     args = ["encode", "--manifest", tmp_path / "m.jsonl", "--out-dir", tmp_path / "z", "-w", weights, "--chunk", "4"]
     r = runner.invoke(app, [str(a) for a in args + ["--dry-run"]])
-    assert r.exit_code == 0 and r.output.count("encode ") == 3 and "start 1, end 6, size 32x24" in r.output
+    assert r.exit_code == 0 and r.output.count("encode ") == 2 and "start 1, end 6, size 32x24" in r.output
+    assert f"missing {tmp_path / 'missing.mp4'} (line 3)" in r.output  # noticed before any work
+    assert "2 to encode, 0 complete, 1 missing" in r.output
     assert not (tmp_path / "z").exists()
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 1 and "2 done, 0 skipped, 1 failed" in r.output
@@ -141,28 +115,28 @@ def test_jsonl_manifest_per_clip_selection_dry_run_and_skip(tmp_path, weights):
     failures = [json.loads(line) for line in (tmp_path / "z" / "failures.jsonl").read_text().splitlines()]
     assert [(f["path"], f["line"]) for f in failures] == [(str(tmp_path / "missing.mp4"), 3)]
     r = runner.invoke(app, [str(a) for a in args + ["--dry-run"]])
-    assert r.output.count("skip ") == 2 and "1 to encode, 2 complete" in r.output
+    assert r.output.count("skip ") == 2 and "0 to encode, 2 complete, 1 missing" in r.output
     r = runner.invoke(app, [str(a) for a in args])
     assert "0 done, 2 skipped, 1 failed" in r.output
     summary = json.loads((tmp_path / "z" / "summary.json").read_text())
     assert (summary["clips"], summary["done"], summary["skipped"], summary["failed"]) == (3, 0, 2, 1)
-    assert not (tmp_path / "z" / batch.RUN_DIR).exists()
+    assert not (tmp_path / "z" / dataset.RUN_DIR).exists()
 
 
-def test_batched_manifest_run_equals_one_by_one(tmp_path, dataset, weights, monkeypatch):
+def test_batched_manifest_run_equals_one_by_one(tmp_path, videos, weights, monkeypatch):
     from cvae_cli import pipeline
 
     batches = []
     real = pipeline.encode_batch
     monkeypatch.setattr(pipeline, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
-    common = ["encode", "--manifest", dataset / "list.txt", "-w", weights, "--device", "cpu", "--chunk", "4"]
+    common = ["encode", "--manifest", videos / "list.txt", "-w", weights, "--device", "cpu", "--chunk", "4"]
     for folder, extra in (("one", []), ("four", ["--batch-size", "4"])):
         r = runner.invoke(app, [str(a) for a in common + ["--out-dir", tmp_path / folder] + extra])
         assert r.exit_code == 1
         summary = json.loads((tmp_path / folder / "summary.json").read_text())
         assert (summary["done"], summary["skipped"], summary["failed"], summary["frames"]) == (6, 0, 1, 42)
         failures = [json.loads(line) for line in (tmp_path / folder / "failures.jsonl").read_text().splitlines()]
-        assert [f["path"] for f in failures] == [str(dataset / "broken.mp4")]
+        assert [f["path"] for f in failures] == [str(videos / "broken.mp4")]
     assert batches == [1] * 6 + [4, 2]  # the broken clip cannot be probed: it fails alone, before the model
     one, four = outputs(tmp_path / "one"), outputs(tmp_path / "four")
     assert one.keys() == four.keys() and len(one) == 6
@@ -171,40 +145,40 @@ def test_batched_manifest_run_equals_one_by_one(tmp_path, dataset, weights, monk
         assert a.meta == b.meta and rel_err(b.read(), a.read()) < 1e-5
 
 
-def test_killed_run_resumes_without_redoing_work_or_leaving_corrupt_files(tmp_path, dataset, weights):
-    out = tmp_path / "out"
-    cmd, env = cvae_process("encode", "--manifest", dataset / "list.txt", "--out-dir", out, "-w", weights,
-                            "--device", "cpu", "--chunk", "4")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not finished(out) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+def test_killed_run_resumes_without_redoing_work_or_leaving_corrupt_files(tmp_path, videos, weights):
+    out, marker = tmp_path / "out", tmp_path / "reading"
+    args = ["encode", "--manifest", videos / "list.txt", "--out-dir", out, "-w", weights, "--device", "cpu",
+            "--chunk", "4"]
+    # the third clip read (b/d.mp4) stops after 6 frames: a, b/c are done, b/d is half written
+    cmd, env = cvae_process(*args, inject=f"hang:2:6:{marker}")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, "the run to reach its third clip")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert proc.returncode == -signal.SIGKILL
     first = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished(out)}
-    assert 1 <= len(first) < 6
+    assert sorted(first) == [out / "a.safetensors", out / "b" / "c.safetensors"]
     for p in first:
         LatentFile.open(p)  # whatever sits under a final name is complete
-    pending = out / "h.safetensors"
-    assert pending not in first
-    planted = out / ".h.safetensors.abc123.latent.raw"  # what a kill mid-clip leaves
+    assert [p.name.endswith(".latent.raw") for p in (out / "b").glob(".d.safetensors.*")] == [True]  # killed mid-clip
+    planted = out / ".h.safetensors.abc123.latent.raw"  # what a kill of an earlier run left
     planted.write_bytes(b"half")
 
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    cmd, env = cvae_process(*args)
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr  # the broken clip
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["skipped"], summary["done"], summary["failed"]) == (len(first), 6 - len(first), 1)
-    assert r.stderr.count("done ") == 6 - len(first)
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (2, 4, 1)
+    assert r.stderr.count("done ") == 4
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in first} == first  # not rewritten
     assert len(outputs(out)) == 6 and all(LatentFile.open(p) for p in out.rglob("*.safetensors"))
     assert not planted.exists() and not [p for p in out.rglob(".*") if p.is_file()]
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
-    assert len(failures) == 1 and failures[0]["path"] == str(dataset / "broken.mp4")
+    assert len(failures) == 1 and failures[0]["path"] == str(videos / "broken.mp4")
 
 
-def test_two_processes_under_torchrun_match_one_process_bit_for_bit(tmp_path, dataset, weights):
-    common = ["encode", "--manifest", dataset / "list.txt", "-w", weights, "--device", "cpu", "--chunk", "4"]
+def test_two_processes_under_torchrun_match_one_process_bit_for_bit(tmp_path, videos, weights):
+    common = ["encode", "--manifest", videos / "list.txt", "-w", weights, "--device", "cpu", "--chunk", "4"]
     cmd, env = cvae_process(*common, "--out-dir", tmp_path / "one")
     single = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert single.returncode == 1, single.stderr
@@ -222,5 +196,5 @@ def test_two_processes_under_torchrun_match_one_process_bit_for_bit(tmp_path, da
     assert [r["rank"] for r in summary["ranks"]] == [0, 1] and all(r["done"] >= 2 for r in summary["ranks"])
     assert summary["frames"] == json.loads((tmp_path / "one" / "summary.json").read_text())["frames"] == 5 * 2 + 7 * 2 + 9 * 2
     failures = [json.loads(line) for line in (tmp_path / "two" / "failures.jsonl").read_text().splitlines()]
-    assert [f["path"] for f in failures] == [str(dataset / "broken.mp4")]
+    assert [f["path"] for f in failures] == [str(videos / "broken.mp4")]
     assert summary["frames_per_s"] > 0 and summary["seconds"] > 0

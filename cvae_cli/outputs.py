@@ -1,0 +1,62 @@
+"""Which file each input becomes, decided before any work starts, and the rules that keep a user's
+files safe: no command writes over one of its own inputs (with or without --overwrite), two inputs
+never share an output, and an output's suffix always says what the file holds.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import CvaeError
+
+
+def expand(patterns: Iterable[str]) -> list[Path]:
+    """Paths from command-line inputs: a glob that names no existing file is expanded (sorted); one
+    that matches nothing is an error. Plain paths pass through (a missing one is the job's error)."""
+    paths: list[Path] = []
+    for item in patterns:
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) and not Path(item).exists() else [item]
+        if not matches:
+            raise CvaeError(f"no file matches {item}")
+        paths += [Path(m) for m in matches]
+    return paths
+
+
+def name_outputs(inputs: list[Path], output: Path | None, out_dir: Path | None,
+                 default_name: Callable[[Path], str]) -> list[tuple[Path, Path]]:
+    """(input, output) pairs: `output` for one input, else `default_name(input)` in `out_dir` (or
+    beside the input). Refuses what would lose or destroy data, before anything is read."""
+    if output is not None and len(inputs) > 1:
+        raise CvaeError("-o/--output takes one input; use --out-dir for several")
+    pairs = [(src, output if output is not None else (out_dir or src.parent) / default_name(src)) for src in inputs]
+    refuse_unsafe(pairs)
+    return pairs
+
+
+def refuse_unsafe(pairs: list[tuple[Path, Path]]) -> None:
+    """CvaeError when an output is one of the inputs, or two inputs would write one output (one of
+    the two would be silently lost)."""
+    inputs = {_identity(src): src for src, _ in pairs}
+    writers: dict[str, Path] = {}
+    for src, dst in pairs:
+        key = _identity(dst)
+        if key in inputs:
+            raise CvaeError(f"{dst} is an input of this command: refusing to write over it")
+        if key in writers and _identity(writers[key]) != _identity(src):
+            raise CvaeError(f"{writers[key]} and {src} would both write {dst}: give them separate --out-dir "
+                            "folders, or a --manifest (its outputs mirror the input folders)")
+        writers[key] = src
+
+
+def _identity(path: Path) -> str:
+    """One spelling per file: symlinks and `..` resolved (and a case-insensitive disk's case)."""
+    return os.path.normcase(os.path.realpath(path))
+
+
+def check_suffix(path: Path, allowed: Iterable[str], what: str) -> None:
+    """CvaeError unless `path` ends in one of `allowed` (a file named .mp4 must hold a video)."""
+    allowed = tuple(allowed)
+    if path.suffix.lower() not in allowed:
+        raise CvaeError(f"{path}: {what} are written as {', '.join(allowed)}, not {path.suffix or 'no suffix'}")

@@ -1,0 +1,56 @@
+"""Run the cvae command line with a fault injected, so a test can stop a process at a known point
+instead of racing it:
+
+    python tests/inject.py HOOK... -- cvae arguments
+
+Hooks (several may be given, separated by `,`):
+  hang:INPUT:FRAMES:MARKER  the INPUT-th input read (0-based) yields FRAMES frames, creates the file
+                            MARKER, then never yields another: it waits at a safe point, so a signal
+                            stops it the way a slow read would be stopped.
+  fail:RANK                 on rank RANK (the RANK environment variable), encoding raises
+                            RuntimeError("injected failure") as a bug would.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cvae_cli import interrupt, media, pipeline  # noqa: E402
+from cvae_cli.cli import app  # noqa: E402
+
+
+def hang(index: int, frames: int, marker: str) -> None:
+    real, calls = media.MediaFile.frames, [0]
+
+    def frames_then_hang(self, **selection):
+        call, calls[0] = calls[0], calls[0] + 1
+        for i, frame in enumerate(real(self, **selection)):
+            if call == index and i == frames:
+                Path(marker).touch()
+                while True:
+                    interrupt.check()
+                    time.sleep(0.02)
+            yield frame
+
+    media.MediaFile.frames = frames_then_hang
+
+
+def fail(rank: int) -> None:
+    if int(os.environ.get("RANK", "0")) == rank:
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected failure")
+
+        pipeline.encode_files = broken
+
+
+if __name__ == "__main__":
+    split = sys.argv.index("--")
+    for hook in ",".join(sys.argv[1:split]).split(","):
+        name, *args = hook.split(":")
+        {"hang": lambda i, n, m: hang(int(i), int(n), m), "fail": lambda r: fail(int(r))}[name](*args)
+    sys.argv = ["cvae"] + sys.argv[split + 1:]
+    app()
