@@ -498,9 +498,9 @@ def _describe(path: Path) -> Iterator[str]:
     if path.is_dir() or path.suffix in (".safetensors", *_WEIGHT_SUFFIXES):
         info = weights_info(path)
         yield f"{path}: weights, {info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}"
-        for k in ("init", "arch", "source", "model_id", "format_version"):
-            if k in info:
-                yield f"  {k}: {info[k]}"
+        for k, v in info.items():  # provenance: how the weights were made, trained, scored
+            if k not in ("parameters", "dtype", "config", "format"):
+                yield f"  {k}: {v}"
         if info.get("config"):
             yield f"  config: {json.dumps(info['config'], sort_keys=True)}"
         return

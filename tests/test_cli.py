@@ -216,10 +216,17 @@ def test_unwritable_output(tmp_path, weights):
                           "cannot write")
 
 
-def test_missing_default_weights_point_to_inflate(tmp_path, monkeypatch):
+def test_without_inflated_weights_the_built_in_model_is_used_and_said(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CVAE_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.delenv("CVAE_WEIGHTS", raising=False)
     media.write_image(tmp_path / "img.png", np.zeros((16, 16, 3), np.uint8))
-    assert_one_line_error(cvae("encode", "img.png"), "cvae inflate")
+    r = cvae("encode", "img.png")
+    assert r.exit_code == 0, r.output
+    assert "built-in small model" in r.output and "cvae inflate" in r.output
+    assert LatentFile.open(tmp_path / "img.safetensors").meta.frames == 1
+    quiet = cvae("encode", "img.png", "-o", "q.safetensors", "--quiet")
+    assert quiet.exit_code == 0 and quiet.output == ""
 
 
 @pytest.fixture
