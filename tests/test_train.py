@@ -301,8 +301,8 @@ def test_a_failing_rank_ends_the_job_promptly_with_one_line_naming_it(tmp_path, 
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert time.monotonic() - t0 < 120
     assert r.returncode != 0
-    ours = [l for l in r.stderr.splitlines() if "error:" in l and l.startswith("[rank")]
-    assert any(l.startswith("[rank 1] error: RuntimeError: injected failure") for l in ours), r.stderr
+    ours = [l for l in r.stderr.splitlines() if l.startswith("error: [rank")]
+    assert any(l.startswith("error: [rank 1] RuntimeError: injected failure") for l in ours), r.stderr
     assert not (tmp_path / "run" / "final.safetensors").exists()
 
 
