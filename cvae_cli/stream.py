@@ -159,8 +159,8 @@ class Tiler:
                 weight = out.new_zeros(out.shape[-2:])
             ramp = self._ramp(y, (y0 > 0, y1 < h), (x0 > 0, x1 < w))
             oy, ox = round(y0 * self.scale), round(x0 * self.scale)
-            out[..., oy:oy + y.shape[-2], ox:ox + y.shape[-1]].addcmul_(y, ramp)
-            weight[oy:oy + y.shape[-2], ox:ox + y.shape[-1]] += ramp
+            out[..., oy:oy + y.shape[-2], ox:ox + y.shape[-1]].addcmul_(y.float(), ramp.float())  # float32 throughout: no mixed-dtype kernel
+            weight[oy:oy + y.shape[-2], ox:ox + y.shape[-1]] += ramp.float()
         return out.div_(weight).to(y.dtype)
 
     def _step(self, step: Callable, x: torch.Tensor, key: tuple[int, int], final: bool) -> torch.Tensor:
