@@ -187,7 +187,7 @@ def test_center_init_accumulates_error_with_depth_and_motion(sd_vae):
     frame 0 (causal padding repeats it), wrong from frame 1 on, worse the deeper and the faster."""
     model = inflate(sd_vae.state_dict(), init="center", **NO_TIME)
     still = panning_clip(0)
-    assert rel_err(model.decode(model.encode(still).mean), per_frame(sd_vae, still)[1]) < 1e-5
+    assert rel_err(model.decode(model.encode(still).mean), per_frame(sd_vae, still)[1]) < 2e-5  # the levers fold time taps: float32 rounding, not 1e-5 exactly
     errors = {}
     for speed in (1, 2):
         clip = panning_clip(speed)
