@@ -195,7 +195,7 @@ def test_center_init_accumulates_error_with_depth_and_motion(sd_vae):
         ref_h = sd_vae.encoder.conv_in(clip[0].transpose(0, 1)).transpose(0, 1)[None]
         h, z = model.encoder.conv_in(clip), model.encode(clip).mean
         x = model.decode(z)
-        assert rel_err(z[:, :, :1], ref_z[:, :, :1]) < 1e-5 and rel_err(x[:, :, :1], ref_x[:, :, :1]) < 1e-5
+        assert rel_err(z[:, :, :1], ref_z[:, :, :1]) < 1e-5 and rel_err(x[:, :, :1], ref_x[:, :, :1]) < 2e-5
         errors[speed] = [rel_err(a[:, :, 1:], b[:, :, 1:]) for a, b in ((h, ref_h), (z, ref_z), (x, ref_x))]
     for speed, (after_conv_in, after_encoder, after_decoder) in errors.items():
         assert 0.05 < after_conv_in < after_encoder < after_decoder, (speed, errors)
