@@ -28,8 +28,9 @@ CLIP_FLOOR = 20.0  # dB over the clip's first 17 frames at long side 256
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_grad_enabled(False)
-    return load_model(builtin_weights())
+    model = load_model(builtin_weights())
+    model.requires_grad_(False)  # inference only, without touching torch's global grad mode
+    return model
 
 
 def score(model, src: Path, select: Selection, tmp_path: Path, **options) -> float:
