@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE.parents[1] / "benchmarks")
     ap.add_argument("--shipped", type=Path, default=None, help="the shipped weights (default: stage-2 tail)")
     ap.add_argument("--skip-quality", action="store_true", help="only time the shipped model")
+    ap.add_argument("--skip-speed", action="store_true", help="only score (timing wants an idle CPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
@@ -143,6 +144,8 @@ def main() -> None:
             for name in dict.fromkeys(r["model"] for r in rows):
                 cells = [f"{r['psnr']:.2f} dB / {r['ssim']:.3f}" for r in rows if r["model"] == name]
                 print(f"| {name} | " + " | ".join(cells) + " |")
+        if args.skip_speed:
+            return
         shipped = load_model(args.shipped or args.runs / "stage2-tail" / "final.safetensors")
         timing = speed(shipped, args.data, tmp)
         with open(args.out / "speed.json", "w") as f:
