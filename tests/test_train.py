@@ -106,6 +106,35 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path, tiny):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_signal_saves_the_step_it_stops_on_and_the_run_resumes_from_there(tmp_path, tiny):
+    """Ctrl-C or SIGTERM (a preempted job) between checkpoints loses no step: the handler only asks
+    (`interrupt.request`), the trainer saves at the step it is on, says so, and ends non-zero."""
+    from cvae_cli import interrupt
+    from cvae_cli.train import Report
+
+    kw = dict(steps=6, save_every=5)
+    whole = train(options(tmp_path / "whole", [CLIP, PHOTO], **kw), Start(config=str(tiny)))
+    notes = []
+
+    def preempt(step, total):
+        if step == 3:
+            interrupt.request("interrupted (SIGTERM)", 143)
+
+    try:
+        with pytest.raises(interrupt.Interrupted) as stop:
+            train(options(tmp_path / "cut", [CLIP, PHOTO], **kw), Start(config=str(tiny)),
+                  report=Report(note=notes.append, advance=preempt))
+    finally:
+        interrupt.clear()
+    assert stop.value.status == 143
+    assert any("stopped at step 3" in n and "run the same command again to resume" in n for n in notes)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = train(options(tmp_path / "cut", [CLIP, PHOTO], **kw), Start(config=str(tiny)))
+    assert losses_of(tmp_path / "cut") == losses_of(tmp_path / "whole")
+    a, b = load_file(whole), load_file(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_changed_settings(tmp_path, tiny):
     train(options(tmp_path / "run", [PHOTO], frames=1, steps=2), Start(config=str(tiny)))
     with pytest.raises(CvaeError, match="batch_size 2, not 4"):
