@@ -689,7 +689,8 @@ def decode(
     if output is not None and len(latents) == 1:
         check_output_kind(output, image=kind[next(iter(latents))] == ".png")
     readable = [p for p in paths if p not in unreadable]
-    jobs = name_outputs(readable, output, out_dir, lambda src: src.stem + ".decoded" + kind.get(src, ".mp4"))
+    jobs = name_outputs(readable, output, out_dir, lambda src: src.stem + ".decoded" + kind.get(src, ".mp4"),
+                        unreadable=unreadable)  # a file given as input is never written over, readable or not
     todo = triage(out, jobs, overwrite, dry_run, failed=unreadable)
     if dry_run:
         raise typer.Exit(1 if todo.failed else 0)

@@ -385,6 +385,15 @@ def test_no_command_writes_over_its_own_input(tmp_path, weights):
     latent = z.read_bytes()
     assert_one_line_error(cvae("encode", z, "-o", z, "-w", weights, "--overwrite"), "is an input of this command")
     assert video.read_bytes() == before and z.read_bytes() == latent
+    # decode: an input it cannot read as a latent is still an input, never written over
+    named = tmp_path / "v.decoded.mp4"  # what z decodes to by default
+    named.write_bytes(before)
+    for args in ([z, named], [z, video, "-o", video]):
+        r = cvae("decode", *args, "-w", weights, "--overwrite")
+        assert r.exit_code == 1 and "wrote" not in r.output, r.output
+        assert r.output.splitlines()[-1].startswith("error:") and "Traceback" not in r.output
+    assert "v.decoded.mp4 is an input of this command" in cvae("decode", z, named, "-w", weights).output
+    assert named.read_bytes() == before and video.read_bytes() == before
 
 
 def test_two_inputs_on_one_output_are_refused_before_any_work(tmp_path, weights):
