@@ -524,6 +524,24 @@ def test_progress_in_a_log_is_a_line_every_few_seconds_of_frames_through_the_mod
     assert counts == ["5/13", "9/13", "13/13"], r.output
 
 
+def test_progress_on_a_terminal_shows_rate_and_time_left_from_the_first_chunk():
+    """A CPU chunk can take longer than rich's 30-s speed window, and rich's own estimate needs two
+    updates inside it: the bar must still show frames/s and the time left after one chunk."""
+    from rich.progress import Progress
+
+    from cvae_cli.cli import BAR_COLUMNS
+
+    now = [0.0]
+    bar = Progress(*BAR_COLUMNS(), get_time=lambda: now[0], auto_refresh=False, disable=True)
+    task = bar.add_task("encoding v.mp4", total=250)
+    now[0] = 40.0  # the first chunk, through the model, took 40 s
+    bar.advance(task, 17)
+    now[0] = 80.0
+    bar.advance(task, 16)
+    shown = " ".join(str(column.render(bar.tasks[0])) for column in BAR_COLUMNS()[2:])
+    assert shown.split() == ["33/250", f"{33 / 80:.1f}", "frames/s", f"0:08:{(217 * 80 // 33) % 60:02d}"]
+
+
 def test_auto_mode_windows_a_clip_norm_model_and_stream_warns(tmp_path):
     clip_norm = save_model(random_model(), tmp_path / "clip.safetensors")  # the released layout
     make_video(tmp_path / "v.mp4", frames=9, width=32, height=24)
