@@ -27,10 +27,15 @@ def expand(patterns: Iterable[str]) -> list[Path]:
 def name_outputs(inputs: list[Path], output: Path | None, out_dir: Path | None,
                  default_name: Callable[[Path], str], unreadable: Iterable[Path] = ()) -> list[tuple[Path, Path]]:
     """(input, output) pairs: `output` for one input, else `default_name(input)` in `out_dir` (or
-    beside the input). Refuses what would lose or destroy data, before anything is read.
+    beside the input). Refuses what would lose or destroy data, before anything is read. A file
+    given twice (`a.jpg ./a.jpg`, or by a glob and by name) is one job, under its first spelling.
     `unreadable`: inputs the command was given but found it cannot read (they get no output, and
     are still never written over)."""
     unreadable = list(unreadable)
+    first: dict[str, Path] = {}
+    for src in inputs:  # a file named twice: once, in its first place
+        first.setdefault(_identity(src), src)
+    inputs = list(first.values())
     if output is not None and len(inputs) + len(unreadable) > 1:
         raise CvaeError("-o/--output takes one input; use --out-dir for several")
     pairs = [(src, output if output is not None else (out_dir or src.parent) / default_name(src)) for src in inputs]

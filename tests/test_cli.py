@@ -409,6 +409,15 @@ def test_two_inputs_on_one_output_are_refused_before_any_work(tmp_path, weights)
     assert not (tmp_path / "out").exists()
 
 
+def test_one_file_named_twice_is_one_job(tmp_path, weights):
+    # two spellings of one file: one output, written once (batched, two writers of one output
+    # removed each other's temporary files and the run failed)
+    media.write_image(tmp_path / "a.png", np.zeros((16, 16, 3), np.uint8))
+    r = cvae("encode", tmp_path / "a.png", tmp_path / "." / "a.png", "-b", "2", "-w", weights)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("wrote ") == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a.safetensors"]
+
+
 @pytest.mark.parametrize("command, output, message", [
     ("encode", "photo.mp4", "latents are written as .safetensors, not .mp4"),
     ("decode", "out.avi", "cannot write a video named .avi (use .mp4, .mov, .mkv, .webm)"),
