@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Callable, ContextManager, Iterable,
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
@@ -118,9 +117,35 @@ def command(fn):
 
 # --- output ------------------------------------------------------------------------------------
 
+def _rate(task) -> float | None:
+    """Frames per second since the job began. Not rich's own `task.speed`: that needs two updates
+    within its last 30 s, and one chunk through the model on a CPU can take longer than that, so
+    the rate and the time left would show only at the end, or never."""
+    elapsed = task.elapsed
+    return task.completed / elapsed if elapsed and task.completed else None
+
+
 class FpsColumn(ProgressColumn):
     def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} frames/s" if task.speed else "", style="progress.data.speed")
+        rate = _rate(task)
+        return Text(f"{rate:.1f} frames/s" if rate else "", style="progress.data.speed")
+
+
+class TimeLeftColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        rate = _rate(task)
+        if task.finished:
+            left = 0
+        elif rate is None or task.total is None:
+            return Text("-:--:--", style="progress.remaining")
+        else:
+            left = int(max(task.total - task.completed, 0) / rate)
+        return Text(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}", style="progress.remaining")
+
+
+def BAR_COLUMNS() -> tuple[ProgressColumn, ...]:  # noqa: N802 (a constant, made fresh per bar)
+    """A progress bar's columns: what, the bar, frames done/total, frames/s, time left."""
+    return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FpsColumn(), TimeLeftColumn())
 
 
 class Output:
@@ -150,9 +175,7 @@ class Output:
         if self.quiet:
             yield lambda n: None
         elif self.console.is_terminal:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FpsColumn(),
-                       TimeRemainingColumn())
-            with Progress(*columns, console=self.console, transient=True) as bar:
+            with Progress(*BAR_COLUMNS(), console=self.console, transient=True) as bar:
                 task = bar.add_task(escape(description), total=total)
                 yield lambda n: bar.advance(task, n)
         else:
@@ -689,7 +712,8 @@ def decode(
     if output is not None and len(latents) == 1:
         check_output_kind(output, image=kind[next(iter(latents))] == ".png")
     readable = [p for p in paths if p not in unreadable]
-    jobs = name_outputs(readable, output, out_dir, lambda src: src.stem + ".decoded" + kind.get(src, ".mp4"))
+    jobs = name_outputs(readable, output, out_dir, lambda src: src.stem + ".decoded" + kind.get(src, ".mp4"),
+                        unreadable=unreadable)  # a file given as input is never written over, readable or not
     todo = triage(out, jobs, overwrite, dry_run, failed=unreadable)
     if dry_run:
         raise typer.Exit(1 if todo.failed else 0)

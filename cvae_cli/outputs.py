@@ -25,20 +25,29 @@ def expand(patterns: Iterable[str]) -> list[Path]:
 
 
 def name_outputs(inputs: list[Path], output: Path | None, out_dir: Path | None,
-                 default_name: Callable[[Path], str]) -> list[tuple[Path, Path]]:
+                 default_name: Callable[[Path], str], unreadable: Iterable[Path] = ()) -> list[tuple[Path, Path]]:
     """(input, output) pairs: `output` for one input, else `default_name(input)` in `out_dir` (or
-    beside the input). Refuses what would lose or destroy data, before anything is read."""
-    if output is not None and len(inputs) > 1:
+    beside the input). Refuses what would lose or destroy data, before anything is read. A file
+    given twice (`a.jpg ./a.jpg`, or by a glob and by name) is one job, under its first spelling.
+    `unreadable`: inputs the command was given but found it cannot read (they get no output, and
+    are still never written over)."""
+    unreadable = list(unreadable)
+    first: dict[str, Path] = {}
+    for src in inputs:  # a file named twice: once, in its first place
+        first.setdefault(_identity(src), src)
+    inputs = list(first.values())
+    if output is not None and len(inputs) + len(unreadable) > 1:
         raise CvaeError("-o/--output takes one input; use --out-dir for several")
     pairs = [(src, output if output is not None else (out_dir or src.parent) / default_name(src)) for src in inputs]
-    refuse_unsafe(pairs)
+    refuse_unsafe(pairs, unreadable)
     return pairs
 
 
-def refuse_unsafe(pairs: list[tuple[Path, Path]]) -> None:
-    """CvaeError when an output is one of the inputs, or two inputs would write one output (one of
-    the two would be silently lost)."""
-    inputs = {_identity(src): src for src, _ in pairs}
+def refuse_unsafe(pairs: list[tuple[Path, Path]], other_inputs: Iterable[Path] = ()) -> None:
+    """CvaeError when an output is one of the inputs (those of `pairs`, and `other_inputs`: given
+    to the command but producing nothing), or two inputs would write one output (one of the two
+    would be silently lost)."""
+    inputs = {_identity(src): src for src in [*(src for src, _ in pairs), *other_inputs]}
     writers: dict[str, Path] = {}
     for src, dst in pairs:
         key = _identity(dst)

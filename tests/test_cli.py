@@ -385,6 +385,15 @@ def test_no_command_writes_over_its_own_input(tmp_path, weights):
     latent = z.read_bytes()
     assert_one_line_error(cvae("encode", z, "-o", z, "-w", weights, "--overwrite"), "is an input of this command")
     assert video.read_bytes() == before and z.read_bytes() == latent
+    # decode: an input it cannot read as a latent is still an input, never written over
+    named = tmp_path / "v.decoded.mp4"  # what z decodes to by default
+    named.write_bytes(before)
+    for args in ([z, named], [z, video, "-o", video]):
+        r = cvae("decode", *args, "-w", weights, "--overwrite")
+        assert r.exit_code == 1 and "wrote" not in r.output, r.output
+        assert r.output.splitlines()[-1].startswith("error:") and "Traceback" not in r.output
+    assert "v.decoded.mp4 is an input of this command" in cvae("decode", z, named, "-w", weights).output
+    assert named.read_bytes() == before and video.read_bytes() == before
 
 
 def test_two_inputs_on_one_output_are_refused_before_any_work(tmp_path, weights):
@@ -398,6 +407,15 @@ def test_two_inputs_on_one_output_are_refused_before_any_work(tmp_path, weights)
     r = cvae("encode", tmp_path / "x" / "b.jpg", tmp_path / "y" / "b.jpg", "--out-dir", tmp_path / "out", "-w", weights)
     assert_one_line_error(r, "would both write", "--manifest")
     assert not (tmp_path / "out").exists()
+
+
+def test_one_file_named_twice_is_one_job(tmp_path, weights):
+    # two spellings of one file: one output, written once (batched, two writers of one output
+    # removed each other's temporary files and the run failed)
+    media.write_image(tmp_path / "a.png", np.zeros((16, 16, 3), np.uint8))
+    r = cvae("encode", tmp_path / "a.png", tmp_path / "." / "a.png", "-b", "2", "-w", weights)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("wrote ") == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a.safetensors"]
 
 
 @pytest.mark.parametrize("command, output, message", [
@@ -513,6 +531,24 @@ def test_progress_in_a_log_is_a_line_every_few_seconds_of_frames_through_the_mod
     counts = [line.split(": ")[1].split(" frames")[0] for line in r.output.splitlines() if "frames/s" in line]
     # frames become latents 1 + 4 at a time: 5, 9, 13, never all 13 read up front
     assert counts == ["5/13", "9/13", "13/13"], r.output
+
+
+def test_progress_on_a_terminal_shows_rate_and_time_left_from_the_first_chunk():
+    """A CPU chunk can take longer than rich's 30-s speed window, and rich's own estimate needs two
+    updates inside it: the bar must still show frames/s and the time left after one chunk."""
+    from rich.progress import Progress
+
+    from cvae_cli.cli import BAR_COLUMNS
+
+    now = [0.0]
+    bar = Progress(*BAR_COLUMNS(), get_time=lambda: now[0], auto_refresh=False, disable=True)
+    task = bar.add_task("encoding v.mp4", total=250)
+    now[0] = 40.0  # the first chunk, through the model, took 40 s
+    bar.advance(task, 17)
+    now[0] = 80.0
+    bar.advance(task, 16)
+    shown = " ".join(str(column.render(bar.tasks[0])) for column in BAR_COLUMNS()[2:])
+    assert shown.split() == ["33/250", f"{33 / 80:.1f}", "frames/s", f"0:08:{(217 * 80 // 33) % 60:02d}"]
 
 
 def test_auto_mode_windows_a_clip_norm_model_and_stream_warns(tmp_path):
