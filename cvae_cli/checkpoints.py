@@ -71,7 +71,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, pickled objects...: the user gave a bad file
-        raise CvaeError(f"{path} is not a readable weights file: {_one_line(e)}") from None
+        kind = "safetensors" if path.suffix == ".safetensors" else "a PyTorch checkpoint of tensors"
+        raise CvaeError(f"{path} is not a readable weights file (expected {kind}): {_one_line(e)}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning / SD .ckpt
         sd = sd["state_dict"]
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \

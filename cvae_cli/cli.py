@@ -630,13 +630,14 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
 
     clips = dataset.read_manifest(manifest)
     dist = Dist.from_env()
-    with dist.session(dist.device(device)):
-        if dry_run:
+    if dry_run:
+        with dist.session(dist.device(device)):
             plan = dataset.make_plan(clips, out_dir, dist, overwrite)
             if dist.rank == 0:
                 for line in plan.lines():
                     typer.echo(line)
-            return
+        raise typer.Exit(1 if plan.missing() else 0)  # as a plain --dry-run: a missing input fails
+    with dist.session(dist.device(device)):
         engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, dist.local_rank)
         # one process: a bar (or a line every few seconds) per clip, and the per-clip lines; under
         # torchrun the per-clip lines only, prefixed with the rank, each written whole so that

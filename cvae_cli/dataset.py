@@ -232,6 +232,10 @@ class Plan:
     def mine(self, rank: int) -> list[int]:
         return [i for i, r in enumerate(self.owner) if r == rank]
 
+    def missing(self) -> int:
+        """Inputs still to encode that are not there: each will fail."""
+        return sum(1 for i, clip in enumerate(self.clips) if not self.complete[i] and not clip.path.is_file())
+
     def lines(self) -> Iterator[str]:
         """Dry-run listing: what each clip will be, and the inputs that are missing."""
         missing = 0

@@ -89,11 +89,12 @@ def test_unreadable_files_give_one_clear_line(tmp_path):
     save_file({"a": torch.randn(64, 64)}, str(tmp_path / "full.safetensors"))
     data = (tmp_path / "full.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    raises_one_line(r"cut\.safetensors is not a readable weights file: ", read_state_dict, tmp_path / "cut.safetensors")
+    raises_one_line(r"cut\.safetensors is not a readable weights file \(expected safetensors\): ", read_state_dict, tmp_path / "cut.safetensors")
     (tmp_path / "junk.bin").write_bytes(b"this is not a checkpoint")
-    raises_one_line(r"junk\.bin is not a readable weights file: ", read_state_dict, tmp_path / "junk.bin")
+    raises_one_line(r"junk\.bin is not a readable weights file \(expected a PyTorch checkpoint of tensors\): ",
+                    read_state_dict, tmp_path / "junk.bin")
     torch.save({"a": NotATensor()}, tmp_path / "pickled.ckpt")  # weights_only refuses foreign objects
-    raises_one_line(r"pickled\.ckpt is not a readable weights file: ", read_state_dict, tmp_path / "pickled.ckpt")
+    raises_one_line(r"pickled\.ckpt is not a readable weights file \(expected a PyTorch checkpoint of tensors\): ", read_state_dict, tmp_path / "pickled.ckpt")
     torch.save({"step": 3}, tmp_path / "empty.pt")
     raises_one_line("holds no named tensors", read_state_dict, tmp_path / "empty.pt")
     raises_one_line(r"^no such file: .*missing\.bin$", read_state_dict, tmp_path / "missing.bin")

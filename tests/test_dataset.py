@@ -103,7 +103,7 @@ def test_jsonl_manifest_per_clip_selection_dry_run_and_skip(tmp_path, weights):
         '{"path": "v.mp4"}\n{"path": "missing.mp4"}\n')
     args = ["encode", "--manifest", tmp_path / "m.jsonl", "--out-dir", tmp_path / "z", "-w", weights, "--chunk", "4"]
     r = runner.invoke(app, [str(a) for a in args + ["--dry-run"]])
-    assert r.exit_code == 0 and r.output.count("encode ") == 2 and "start 1, end 6, size 32x24" in r.output
+    assert r.exit_code == 1 and r.output.count("encode ") == 2 and "start 1, end 6, size 32x24" in r.output
     assert f"missing {tmp_path / 'missing.mp4'} (line 3)" in r.output  # noticed before any work
     assert "2 to encode, 0 complete, 1 missing" in r.output
     assert not (tmp_path / "z").exists()
