@@ -87,6 +87,10 @@ class CvaeGroup(TyperGroup):
             raise typer.Exit(2) from None
 
 
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _rank_prefix() -> str:
     """`[rank r] ` under torchrun, so each process's line says whose it is."""
     world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
@@ -388,7 +392,7 @@ def report(out: Output, inputs: int, jobs: Triage, outcomes: Iterable[tuple[int,
         done += 1
         if on_result:
             on_result(src, outcome)
-        out.info(escape(f"wrote {dst} ({outcome.frames} frame{'s' if outcome.frames != 1 else ''})"))
+        out.info(escape(f"wrote {dst} ({count(outcome.frames, 'frame')})"))
     if inputs > 1:
         out.info(f"{done} done, {jobs.skipped} skipped, {len(failures)} failed")
     if failures:
@@ -783,7 +787,7 @@ def reconstruct(
 
     def keep_score(src: Path, result) -> None:
         m = result.metrics
-        out.info(escape(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {len(m.psnr)} frames"))
+        out.info(escape(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {count(len(m.psnr), 'frame')}"))
         scores[str(src)] = {**m.summary(), "psnr_per_frame": m.psnr, "ssim_per_frame": m.ssim}
 
     outcomes: Iterable = ()

@@ -116,7 +116,7 @@ def test_image_round_trips_to_png_and_reconstruct_reports_metrics(tmp_path, weig
     assert next(media.read_frames(tmp_path / "img.decoded.png")).shape == (37, 45, 3)
     r = cvae("reconstruct", tmp_path / "img.png", "-w", weights, "--metrics-json", tmp_path / "m.json", "--side-by-side")
     assert r.exit_code == 0, r.output
-    assert "img.png: PSNR " in r.output and " dB, SSIM " in r.output and "over 1 frames" in r.output
+    assert "img.png: PSNR " in r.output and " dB, SSIM " in r.output and "over 1 frame\n" in r.output
     assert next(media.read_frames(tmp_path / "img.recon.png")).shape == (37, 90, 3)
     report = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "img.png")]
     assert report["frames"] == 1 and 0 < report["psnr"] < 60
