@@ -53,6 +53,10 @@ def test_the_built_in_model_is_the_default_and_ships_in_fp16():
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     assert meta["init"] == "tail" and int(meta["trained_steps"]) > 0
     assert "recipe" in meta and "data" in meta
+    held_out = {k for k in meta if k.startswith("held_out ")}  # evaluate.py's scores, never trained on
+    assert held_out == {"held_out photos, long side 256", "held_out photos, long side 512",
+                        "held_out clips, long side 256, all frames"}
+    assert all(meta[k].startswith("PSNR ") for k in held_out)
 
 
 def test_a_real_photo_reconstructs_above_the_floor(model, tmp_path):
