@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.memory import LiveTensorBytes
+from benchmarks.memory import LiveTensorBytes, measure
 from cvae_cli.checkpoints import config_from_json
 from cvae_cli.model import CausalVAE, Levers, StreamCache, image_config
 from cvae_cli.model import blocks, layers
@@ -203,6 +203,17 @@ def test_a_tiled_image_keeps_no_tile_caches():
     model = random_model(**FRAME_NORM)
     one, five = peak(model, 1, 64, 64, tile=64), peak(model, 1, 64, 256, tile=64)
     assert five[0] < 1.3 * one[0] and five[1] < 1.3 * one[1], (one, five)
+
+
+@pytest.mark.parametrize("levers, tile", [(Levers.off(), None), (EVERY_SLICE, 32)])
+def test_the_meta_device_counts_the_bytes_the_cpu_does(levers, tile):
+    """benchmarks/memory.py counts 720p to 4K on the meta device (shapes only): it must allocate
+    what the CPU does, op by op, caches and tiles included."""
+    model = random_model(**FRAME_NORM).use_levers(levers)
+    with torch.device("meta"):
+        meta = CausalVAE(model.config).eval().use_levers(levers)
+    counts = [{k: v for k, v in measure(m, 48, 32, 4, tile).items() if not k.endswith(" at")} for m in (model, meta)]
+    assert counts[0] == counts[1]
 
 
 def test_attention_gives_sdpa_its_4d_layout(monkeypatch):

@@ -304,6 +304,26 @@ class TimeDownsampleRes2x(nn.Module):
         return alpha * time_average(x) + (1 - alpha) * self.conv(x)
 
 
+def doubled_in_time(head: torch.Tensor, x: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """`head`, then x at twice the frame rate by linear interpolation, as trilinear `interpolate` by 2
+    (align_corners=False) computes it: frame i gives 0.25 x[i-1] + 0.75 x[i], then 0.75 x[i] +
+    0.25 x[i+1], with x[-1] = `before` and x[n] = `after`. Written into the output in place: no
+    window around x and no interpolated copy of it (at 720p, 1.3 GiB of a decode step's peak)."""
+    b, c, n, h, w = x.shape
+    k = head.shape[2]
+    out = x.new_empty(b, c, k + 2 * n, h, w)
+    out[:, :, :k] = head
+    pairs = out[:, :, k:].unflatten(2, (n, 2))
+    early, late = pairs[:, :, :, 0], pairs[:, :, :, 1]
+    early.copy_(x).mul_(0.75)
+    early[:, :, :1].add_(before, alpha=0.25)
+    early[:, :, 1:].add_(x[:, :, :-1], alpha=0.25)
+    late.copy_(x).mul_(0.75)
+    late[:, :, :-1].add_(x[:, :, 1:], alpha=0.25)
+    late[:, :, -1:].add_(after, alpha=0.25)
+    return out
+
+
 class TimeUpsample2x(nn.Module):
     """Keep frame 0; double frames 1.. by linear interpolation in time: T -> 2T - 1. No weights.
 
@@ -318,8 +338,7 @@ class TimeUpsample2x(nn.Module):
         if cache is None:
             if x.shape[2] == 1:
                 return x
-            rest = F.interpolate(x[:, :, 1:], scale_factor=(2, 1, 1), mode="trilinear")
-            return torch.cat([x[:, :, :1], rest], dim=2)
+            return doubled_in_time(x[:, :, :1], x[:, :, 1:], x[:, :, 1:2], x[:, :, -1:])
         state = cache.get(self)
         if state is None and x.shape[2] == 0:
             return x
@@ -336,10 +355,7 @@ class TimeUpsample2x(nn.Module):
             keep(cache, self, lambda: (behind, pending.clone()))
             return head
         keep(cache, self, lambda: (emit[:, :, -1:].clone(), pending[:, :, emit.shape[2]:].clone()))
-        before = behind if behind is not None else emit[:, :, :1]
-        window = torch.cat([before, emit, ahead], dim=2)
-        pairs = F.interpolate(window, scale_factor=(2, 1, 1), mode="trilinear")[:, :, 2:-2]
-        return torch.cat([head, pairs], dim=2)
+        return doubled_in_time(head, emit, behind if behind is not None else emit[:, :, :1], ahead)
 
 
 class TimeUpsampleRes2x(nn.Module):
