@@ -56,8 +56,8 @@ def index(x: torch.Tensor, idx) -> torch.Tensor:
 
 
 class ViewIndexing(TorchFunctionMode):
-    """Python indexing and `contiguous` through the ops themselves: a CPU-only torch refuses these
-    two on a (fake) CUDA tensor before any op runs, for want of a CUDA device guard."""
+    """Python indexing, `copy_` and `contiguous` through the ops themselves: a CPU-only torch refuses
+    these on a (fake) CUDA tensor before any op runs, for want of a CUDA device guard."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -67,6 +67,8 @@ class ViewIndexing(TorchFunctionMode):
             x, idx, value = args
             index(x, idx).zero_().add_(value)
             return None
+        if func is torch.Tensor.copy_:  # the same, straight to the op
+            return aten.copy_.default(*args, **kwargs)
         if func is torch.Tensor.contiguous:  # the same, straight to the op
             x, fmt = args[0], kwargs.get("memory_format", torch.contiguous_format)
             return x if x.is_contiguous(memory_format=fmt) else aten.clone.default(x, memory_format=fmt)
