@@ -68,21 +68,23 @@ def flops(config: CausalVAEConfig, levers: Levers, frames: int, height: int, wid
 
 
 class Peak:
-    """CUDA allocator peak over a block (0 elsewhere)."""
+    """CUDA allocator peak over a block, above what was allocated before it (0 elsewhere): the
+    benchmark holds one model per row, and a user's process holds one."""
 
     def __init__(self, device: str):
-        self.cuda, self.value = device.startswith("cuda"), 0
+        self.cuda, self.value, self.before = device.startswith("cuda"), 0, 0
 
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
         return self
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.value = torch.cuda.max_memory_allocated()
+            self.value = torch.cuda.max_memory_allocated() - self.before
 
 
 def timed(fn, device: str) -> tuple[float, int]:
@@ -126,6 +128,7 @@ def main(argv=None) -> None:
             models[name] = copy.deepcopy(base).use_levers(LEVERS[name])
         else:
             models[name] = prepare(copy.deepcopy(base).use_levers(Levers()), ACCEL[name])
+    weights = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers()))
     frames = frames_of(args.frames, w, h)
     opts = StreamOptions(chunk=args.chunk)
     z = torch.cat([m for m, _ in encode_frames(base, frames, opts)], 1)
@@ -141,12 +144,14 @@ def main(argv=None) -> None:
                 seconds, peak = timed(fn, device)
                 if round_:
                     times[name][j].append(seconds)
-                    peaks[name][j] = max(peaks[name][j], peak)
+                    peaks[name][j] = max(peaks[name][j], peak + weights)
         torch.backends.cudnn.benchmark = False  # only rows that ask for it (prepare sets it)
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if cuda else 'cpu'}; {w}x{h} x {args.frames} frames, width {args.width}, "
-          f"{args.norm} norm, {dtype}, chunk {args.chunk}; median of {args.repeat} interleaved runs")
+          f"{args.norm} norm, {dtype}, chunk {args.chunk}; median of {args.repeat} interleaved runs"
+          + (f"; GiB: allocator peak above the start of each run, plus one model's weights ({weights / 2**30:.2f})"
+             if cuda else ""))
     print(f"{'variant':<22}{'enc GFLOP/f':>12}{'enc s':>8}{'x':>6}{'dec GFLOP/f':>12}{'dec s':>8}{'x':>6}"
           + (f"{'enc GiB':>8}{'dec GiB':>8}" if cuda else ""))
     rows = []
