@@ -231,8 +231,9 @@ Fps = Annotated[Optional[float], typer.Option("--fps", help="Resample to this fr
 Size = Annotated[Optional[str], typer.Option("--size", help="Resize to WxH.")]
 MaxSide = Annotated[Optional[int], typer.Option("--max-side", help="Resize so the longer side is at most N.")]
 AllowPartial = Annotated[bool, typer.Option("--allow-partial", help="Keep the frames of a truncated video.")]
-Fast = Annotated[bool, typer.Option("--fast", help="Speed levers proven equal to the plain model: channels-last "
-                                                 "memory, fused GroupNorm+SiLU, cuDNN autotuning (see benchmarks/).")]
+Fast = Annotated[bool, typer.Option("--fast", help="Speed levers proven equal to the plain model: fused "
+                                                 "GroupNorm+SiLU and cuDNN autotuning, ~1.3x on a GPU after ~30 s "
+                                                 "of warm-up; for long jobs (see benchmarks/).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the encoder/decoder: minutes of warm-up, "
                                                        "then faster; for long runs.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
@@ -261,7 +262,8 @@ def load_weights(weights: str | None, device, dtype, norm: str | None, fast: boo
     if fast or compile:
         from .accel import Acceleration, prepare
 
-        prepare(model, Acceleration(channels_last=fast, fused_norm=fast, compile=compile,
+        # channels-last is left out: on an H200 it made encode and decode slower (benchmarks/README.md)
+        prepare(model, Acceleration(fused_norm=fast, compile=compile,
                                     cudnn_benchmark=fast and str(device).startswith("cuda")))
     return model
 
