@@ -14,6 +14,7 @@ import glob
 import hashlib
 import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -311,6 +312,11 @@ def collate(samples: list[tuple[torch.Tensor, list]]) -> tuple[torch.Tensor, lis
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding and resizing are per-sample; leave the cores to the model
+    # Ctrl-C in a terminal, `timeout` and batch schedulers signal every process of the job. A worker
+    # that died of it would end the run with a DataLoader error before the trainer reached its
+    # checkpoint; the trainer stops at its next step and shuts the workers down itself.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def loader(dataset: TrainingClips, start: int, steps: int, batch: int, rank: int, world: int,

@@ -22,6 +22,7 @@ from cvae_cli.errors import CvaeError
 from cvae_cli.metrics import psnr
 from cvae_cli.model import CausalVAE, image_config
 from cvae_cli.train import Start, TrainOptions, Trainer, read_config, read_rows, to_uint8, train
+from conftest import cvae_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO / "examples" / "cockatoo.mp4"  # real footage (a held-out source), 41 frames, 456x256
@@ -133,6 +134,33 @@ def test_a_stop_signal_saves_the_step_it_stops_on_and_the_run_resumes_from_there
     assert losses_of(tmp_path / "cut") == losses_of(tmp_path / "whole")
     a, b = load_file(whole), load_file(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_a_signal_to_the_whole_job_stops_it_at_a_step_with_data_workers_running(tmp_path, tiny):
+    """A terminal's Ctrl-C, `timeout` and batch schedulers signal every process of the job, the
+    DataLoader workers too. A worker killed by it used to end the run with a DataLoader error and
+    no checkpoint; the workers now leave the stop to the trainer."""
+    import signal
+
+    run = tmp_path / "run"
+    cmd, env = cvae_process("train", "--config", tiny, "--data", CLIP, "--data", PHOTO, "--frames", 5, "--size", 32,
+                            "--steps", 100000, "--save-every", 100000, "--log-every", 1, "--workers", 2,
+                            "--out", run)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (run / "loss.csv").exists() and len(read_rows(run / "loss.csv")) >= 2 or proc.poll() is not None,
+                 "two training steps")
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, output
+    assert "DataLoader" not in output and "Traceback" not in output
+    step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert step >= 2 and f"stopped at step {step}" in output
 
 
 def test_resume_refuses_changed_settings(tmp_path, tiny):
