@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -141,8 +142,6 @@ def test_a_signal_to_the_whole_job_stops_it_at_a_step_with_data_workers_running(
     """A terminal's Ctrl-C, `timeout` and batch schedulers signal every process of the job, the
     DataLoader workers too. A worker killed by it used to end the run with a DataLoader error and
     no checkpoint; the workers now leave the stop to the trainer."""
-    import signal
-
     run = tmp_path / "run"
     cmd, env = cvae_process("train", "--config", tiny, "--data", CLIP, "--data", PHOTO, "--frames", 5, "--size", 32,
                             "--steps", 100000, "--save-every", 100000, "--log-every", 1, "--workers", 2,
