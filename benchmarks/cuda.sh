@@ -71,6 +71,9 @@ step bench-levers 150 "${bench[@]}" --frames 17 --out "$OUT/bench-levers.json" \
     --rows "plain,fold_start,phase_upsample,slices,levers (default),levers+channels_last,levers+fused_norm"
 step bench-chunk4 60 "${bench[@]}" --frames 13 --chunk 4 --out "$OUT/bench-chunk4.json" \
     --rows "plain,levers (default),levers+fused_norm"
+# Frame norm: the layout memory.py counts, where the slices run (one 720p frame at a time).
+step bench-chunk4-frame 60 "${bench[@]}" --frames 13 --chunk 4 --norm frame --out "$OUT/bench-chunk4-frame.json" \
+    --rows "plain,levers (default)"
 step cli 100 bash -c cli_720p
 step train 60 bash -c train
 step tests-compile 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_accel.py -k "cuda and all_levers"
