@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cvae_cli.model import CausalVAE, CausalVAEConfig, Levers  # noqa: E402
-from cvae_cli.stream import TILE_ABOVE, Tiler  # noqa: E402
+from cvae_cli.stream import AUTO_TILE, TILE_ABOVE, Tiler  # noqa: E402
 
 TARGETS = {"720p": (1280, 720), "1080p": (1920, 1088), "4K": (3840, 2160)}
 
@@ -141,8 +141,8 @@ def main(argv=None) -> None:
         model = CausalVAE(CausalVAEConfig(hidden_size=args.width, norm=args.norm)).eval().to(dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"# torch {torch.__version__}; {args.device} device, {dtype}; chunk {args.chunk}; hidden_size {args.width}, "
-          f"{args.norm} norm; weights {weights / 2**30:.2f} GiB (not counted below); `stream --tile auto` tiles "
-          f"(by {args.tile}) frames above {TILE_ABOVE} pixels (1920x1088). Peak GiB:")
+          f"{args.norm} norm; weights {weights / 2**30:.2f} GiB (not counted below); `--tile auto` tiles photos "
+          f"above {TILE_ABOVE} pixels (1920x1088) by {AUTO_TILE} and keeps an exact stream's frames whole. Peak GiB:")
     print(f"{'size':>10} {'tile':>5} {'path':<7}{'encode':>8}{'caches':>8}{'decode':>8}{'caches':>8}{'photo':>8}")
     gib = lambda b: b / 2**30
     for name in args.targets.split(","):

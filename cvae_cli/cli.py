@@ -82,7 +82,7 @@ class CvaeGroup(TyperGroup):
         except Exception as e:  # a bug or an environment failure: still one line, unless debugging
             if os.environ.get("CVAE_DEBUG") or type(e).__module__.split(".")[0] in ("click", "typer"):
                 raise  # usage errors and exits: Typer prints those itself
-            hint = " (try a smaller --chunk or --tile 512)" if "out of memory" in str(e).lower() else ""
+            hint = " (try --chunk 4, or for a photo --tile 512)" if "out of memory" in str(e).lower() else ""
             out.error(f"{describe(e)}{hint} [set CVAE_DEBUG=1 for the traceback]")
             raise typer.Exit(2) from None
 
@@ -222,7 +222,8 @@ Mode = Annotated[str, typer.Option("--mode", help="Time cutting: auto (stream a 
                                                   "Open-Sora-Plan's 65-frame windows), stream (cached chunks; only "
                                                   "approximate for clip-norm models), window, or whole (one piece).")]
 Chunk = Annotated[str, typer.Option("--chunk", help="Frames per chunk (multiple of 4), or auto by frame size.")]
-Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels.")]
+Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels. auto tiles "
+                                   "photos above 1080p by 512; a video that streams exactly keeps whole frames.")]
 Norm = Annotated[Optional[str], typer.Option("--norm", help="Override the model's GroupNorm: clip or frame.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Frames = Annotated[Optional[str], typer.Option("--frames", help="Frame range A:B (either side optional), counted "
@@ -298,11 +299,11 @@ class Engine:
     model: CausalVAE
     cut: Cut
 
-    def options(self, width: int, height: int) -> StreamOptions:
+    def options(self, width: int, height: int, image: bool = False) -> StreamOptions:
         from .stream import choose_options
 
         try:
-            return choose_options(self.model.config, width, height, self.cut.mode, self.cut.chunk, self.cut.tile)
+            return choose_options(self.model.config, width, height, self.cut.mode, self.cut.chunk, self.cut.tile, image)
         except ValueError as e:
             raise CvaeError(str(e)) from None
 

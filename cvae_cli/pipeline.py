@@ -31,8 +31,9 @@ from .stream import StreamOptions, decode_latents, encode_batch, encode_frames, 
 Progress = Callable[[int], None]
 # (name, expected frames or None) -> a context giving the Progress callback for one batch of inputs
 ProgressFactory = Callable[[str, "int | None"], ContextManager[Progress]]
-# How to cut a video of a given (width, height): fixed, or chosen per size (see stream.choose_options).
-Options = StreamOptions | Callable[[int, int], StreamOptions]
+# How to cut an input of a given (width, height, is an image): fixed, or chosen per input (see
+# stream.choose_options).
+Options = StreamOptions | Callable[[int, int, bool], StreamOptions]
 PREFETCH = 2  # items a background stage may run ahead of its consumer (bounds memory)
 
 
@@ -185,8 +186,8 @@ class Result:
     metrics: FrameMetrics | None = None
 
 
-def _options(options: Options, width: int, height: int) -> StreamOptions:
-    return options(width, height) if callable(options) else options
+def _options(options: Options, width: int, height: int, image: bool) -> StreamOptions:
+    return options(width, height, image) if callable(options) else options
 
 
 def _opened(source: media.MediaFile | Path, stack: contextlib.ExitStack) -> media.MediaFile:
@@ -229,7 +230,8 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
     """Encode several (input, output, selection) jobs of one model size together: their chunks are
     stacked along the batch, so one model call serves them all (what keeps a GPU busy on images and
     short clips). Each output is what `encode_file` would write for it alone, up to the rounding of
-    batched kernels. Inputs may come opened (`media.MediaFile`) or as paths; all are closed here.
+    batched kernels, except that images batched with videos are cut as videos (`options` may tile
+    images alone). Inputs may come opened (`media.MediaFile`) or as paths; all are closed here.
 
     An input that fails (unreadable, truncated, an unwritable output) ends its own stream and comes
     back as its exception, with nothing written; the others go on. A model failure raises."""
@@ -274,7 +276,8 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
         readers = [stack.enter_context(contextlib.closing(background(run.select.frames(run.source, run.times),
                                                                      prefetch))) for run in live]
         streams = [guarded(run, reader) for run, reader in zip(live, readers)]
-        chunks = encode_batch(model, streams, _options(options, width, height), [run.read for run in live])
+        image = all(run.source.info.is_image for run in live)
+        chunks = encode_batch(model, streams, _options(options, width, height, image), [run.read for run in live])
         with contextlib.closing(background(chunks, prefetch)) as chunks:
             for i, mean, logvar in chunks:
                 run = live[i]
@@ -427,9 +430,9 @@ def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Op
     check_compatible(meta, model_id(model), model.config, where=str(latent.path), force=force)
     check_output_kind(dst, image=meta.fps is None)
     remove_stale(dst)
-    step = max(1, _options(options, meta.width, meta.height).chunk // model.config.time_compression)
-    chunks = decode_latents(model, latent.iter_chunks(step), _options(options, meta.width, meta.height),
-                            meta.height, meta.width)
+    opts = _options(options, meta.width, meta.height, image=meta.fps is None)
+    step = max(1, opts.chunk // model.config.time_compression)
+    chunks = decode_latents(model, latent.iter_chunks(step), opts, meta.height, meta.width)
     frames = _write_frames(dst, background(chunks, prefetch), meta.fps, meta.frames, crf, progress,
                            times=meta.frame_times)
     return Result(dst, frames)
@@ -448,7 +451,7 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
         check_output_kind(dst, image=info.is_image)
         remove_stale(dst)
         width, height = select.model_size(info)
-        opts = _options(options, width, height)
+        opts = _options(options, width, height, info.is_image)
         times: list = []  # the input's frame times, kept for the output (filled ahead of the writer)
         pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
         metrics = FrameMetrics()

@@ -47,7 +47,7 @@ class StreamOptions:
             raise ValueError(f"tile must be a multiple of 32 pixels, at least 64, not {self.tile}")
 
 
-TILE_ABOVE = 1920 * 1088  # frames with more pixels than 1080p are tiled when tiling is left to us
+TILE_ABOVE = 1920 * 1088  # larger frames are tiled when tiling is left to us (not a video streamed exactly: choose_options)
 AUTO_TILE = 512
 CHUNK_PIXELS = 4 * 1280 * 720  # pixels x frames per chunk: 4 frames of 720p, 16 of 360p
 
@@ -72,15 +72,23 @@ def exact_streaming(config: CausalVAEConfig) -> bool:
 
 
 def choose_options(config: CausalVAEConfig, width: int, height: int, mode: str = "auto",
-                   chunk: int | None = None, tile: int | str | None = "auto") -> StreamOptions:
-    """The cut for a frame size, where the user left it open: mode `auto` streams a model that
-    streams exactly and cuts any other (the released clip-norm checkpoints) as Open-Sora-Plan
-    does, in 65-frame windows overlapping by one, with its 256-pixel tiles where a window's
-    pixels exceed the chunk budget. ValueError for a cut StreamOptions refuses."""
+                   chunk: int | None = None, tile: int | str | None = "auto", image: bool = False) -> StreamOptions:
+    """The cut for a frame size (and whether the input is one image), where the user left it open:
+    mode `auto` streams a model that streams exactly and cuts any other (the released clip-norm
+    checkpoints) as Open-Sora-Plan does, in 65-frame windows overlapping by one, with its 256-pixel
+    tiles where a window's pixels exceed the chunk budget.
+
+    Tiles past 1080p (`auto_cut`) are for images and cuts that keep no state between chunks. A video
+    streamed exactly keeps whole frames: every tile would keep its own causal caches, over 1.7x the
+    frame's pixels, so with the model's slices on (`Levers`, the default) a tiled video peaks higher
+    than an untiled one (benchmarks/README.md), and tiles blend seams into a result that is otherwise
+    exact. ValueError for a cut StreamOptions refuses."""
     if mode == "auto":
         mode = "stream" if exact_streaming(config) else "window"
     if mode == "window" and tile == "auto":
         tile = WINDOW_TILE if width * height * WINDOW_FRAMES > CHUNK_PIXELS else None
+    if mode == "stream" and tile == "auto" and exact_streaming(config) and not image:
+        tile = None
     chunk, tile = auto_cut(width, height, chunk, tile)
     return StreamOptions(mode=mode, chunk=chunk, tile=tile)
 

@@ -134,6 +134,29 @@ def test_many_inputs_go_on_after_a_failure_and_summarize(tmp_path, weights):
     assert r.exit_code == 0 and "0 done, 2 skipped" in r.output
 
 
+def test_auto_tiles_a_large_photo_but_not_a_large_video(tmp_path, weights, monkeypatch):
+    """`--tile auto` past its threshold (lowered here to this test's size): a photo is tiled, a video
+    of a model that streams exactly keeps whole frames, encoding and decoding alike."""
+    from cvae_cli import stream
+
+    monkeypatch.setattr(stream, "TILE_ABOVE", 64 * 48)
+    monkeypatch.setattr(stream, "AUTO_TILE", 64)
+    cuts = []
+    for name in ("encode_batch", "decode_latents"):
+        real = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda model, items, options, *a, real=real: cuts.append(options.tile)
+                            or real(model, items, options, *a))
+    make_video(tmp_path / "v.mp4", frames=5)
+    media.write_image(tmp_path / "p.png", np.full((70, 94, 3), 90, np.uint8))
+    for name in ("v.mp4", "p.png"):
+        z = tmp_path / f"{name}.safetensors"
+        assert cvae("encode", tmp_path / name, "-o", z, "-w", weights).exit_code == 0
+        assert cvae("decode", z, "-o", tmp_path / f"out-{name}", "-w", weights).exit_code == 0
+    assert cuts == [None, None, 64, 64]
+    assert cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / "t.safetensors", "-w", weights,
+                "--tile", "64").exit_code == 0 and cuts[-1] == 64  # asked for: tiled
+
+
 def test_batched_encode_equals_one_by_one_and_isolates_a_broken_input(tmp_path, weights, monkeypatch):
     batches = []
     real = pipeline.encode_batch

@@ -198,6 +198,17 @@ def test_slices_cut_the_streaming_peak():
     assert sliced[0] < 0.75 * whole[0] and sliced[1] < 0.75 * whole[1], (sliced, whole)
 
 
+def test_a_video_peaks_lower_in_whole_frames_than_in_tiles():
+    """Why `choose_options` keeps a video's frames whole: with the slices on, the causal caches are
+    most of the peak, and tiles keep more of them (one set per tile, over the overlap). Without the
+    slices, tiles are what bound a step's activations, and the encoder peaks lower tiled."""
+    model = random_model(**FRAME_NORM).use_levers(EVERY_SLICE)
+    whole, tiled = peak(model, 17, 128, 192, chunk=4), peak(model, 17, 128, 192, tile=64, chunk=4)
+    assert whole[0] < tiled[0] and whole[1] < 0.85 * tiled[1], (whole, tiled)
+    whole, tiled = peak(plain(model), 17, 128, 192, chunk=4), peak(plain(model), 17, 128, 192, tile=64, chunk=4)
+    assert tiled[0] < 0.7 * whole[0], (whole, tiled)
+
+
 def test_a_tiled_image_keeps_no_tile_caches():
     """An image has no next chunk: no tile keeps caches, so five tiles peak like one (plus outputs)."""
     model = random_model(**FRAME_NORM)

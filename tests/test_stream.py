@@ -173,3 +173,19 @@ def test_auto_cut_bounds_pixels_per_chunk_and_tiles_past_1080p():
     assert auto_cut(640, 360) == (16, None) and auto_cut(94, 70) == (16, None)  # small: the 16-frame cap
     assert auto_cut(3840, 2160) == (12, 512)  # 4K: 512-pixel tiles, chunk sized by the tile
     assert auto_cut(3840, 2160, 8, None) == (8, None)  # what the user gives stays
+
+
+def test_auto_tiles_photos_past_1080p_but_streams_a_video_in_whole_frames():
+    """A video streamed exactly keeps whole frames (tiles would each keep caches, and blend seams);
+    images, Open-Sora-Plan's windows and an inexact stream keep their tiles."""
+    from cvae_cli.model import CausalVAEConfig
+    from cvae_cli.stream import choose_options
+
+    exact = CausalVAEConfig(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
+    released = CausalVAEConfig()
+    assert choose_options(exact, 3840, 2160) == StreamOptions(mode="stream", chunk=4, tile=None)
+    assert choose_options(exact, 3840, 2160, image=True) == StreamOptions(mode="stream", chunk=12, tile=512)
+    assert choose_options(exact, 3840, 2160, mode="whole").tile == 512  # no caches there: tiles bound memory
+    assert choose_options(exact, 3840, 2160, tile=256).tile == 256  # what the user gives stays
+    assert choose_options(released, 3840, 2160, mode="stream").tile == 512  # approximate anyway: bounded
+    assert choose_options(released, 3840, 2160) == StreamOptions(mode="window", chunk=16, tile=256)
