@@ -47,7 +47,7 @@ class StreamOptions:
             raise ValueError(f"tile must be a multiple of 32 pixels, at least 64, not {self.tile}")
 
 
-TILE_ABOVE = 1920 * 1088  # larger frames are tiled when tiling is left to us (not a video streamed exactly: choose_options)
+TILE_ABOVE = 1920 * 1088  # larger frames get tiles when tiling is left to us (a video: see choose_options)
 AUTO_TILE = 512
 CHUNK_PIXELS = 4 * 1280 * 720  # pixels x frames per chunk: 4 frames of 720p, 16 of 360p
 
