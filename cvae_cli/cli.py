@@ -450,7 +450,7 @@ def inflate(
         cvae inflate --from ./vae-ft-mse-840000-ema-pruned.ckpt --init center -o weights/center.safetensors
     ```
     """
-    from .checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, save_model
+    from .checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, save_model, set_provenance
     from .inflate import ARCHS, INITS, inflate as inflate_sd
 
     out = Output(quiet)
@@ -472,7 +472,7 @@ def inflate(
     if source and Path(output).resolve() == Path(path).resolve():
         raise CvaeError(f"{output} is the input of this command: refusing to write over it")
     model = inflate_sd(path, init=init, norm=norm, arch=arch)
-    model.provenance["source"] = source or DEFAULT_SD_VAE
+    set_provenance(model, {"source": source or DEFAULT_SD_VAE})
     save_model(model, output)
     params = sum(p.numel() for p in model.parameters())
     out.info(escape(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {params / 1e6:.1f} M parameters, "

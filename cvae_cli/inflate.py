@@ -1,4 +1,4 @@
-"""Inflate the SD image VAE into the causal video VAE (SPEC §3, the report's "tail initialization").
+"""Inflate the SD image VAE into the causal video VAE (the Open-Sora-Plan report's "tail initialization").
 
 Every 2-D weight W (out, in, kh, kw) goes to the 3-D layer of the same name. A 3-D kernel with
 kt = 3 taps sees frames t-2, t-1, t; `tail` puts W on the last tap, so each output frame sees only
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import check_shapes, read_state_dict, sd_vae_config, sd_vae_to_compvis
+from .checkpoints import check_shapes, read_state_dict, sd_vae_config, sd_vae_to_compvis, set_provenance
 from .errors import CvaeError
 from .model import CausalVAE, CausalVAEConfig, v1_1_0_config
 from .model.layers import CausalConv3d
@@ -128,7 +128,7 @@ def inflate(source: dict[str, torch.Tensor] | str | Path, init: str = "tail", no
     """A causal video VAE made from an SD image VAE (a state dict, or any file `read_state_dict` reads).
 
     `config_overrides` change the layout (e.g. no temporal resampling, for tests). The returned
-    model's `provenance` (init, arch, source) is what `save_model` writes into the file's metadata.
+    model's provenance (init, arch, source) is what `save_model` writes into the file's metadata.
     """
     if init not in INITS:
         raise CvaeError(f"unknown init {init!r} (known: {', '.join(INITS)})")
@@ -137,6 +137,6 @@ def inflate(source: dict[str, torch.Tensor] | str | Path, init: str = "tail", no
     model = CausalVAE(inflated_config(sd_vae_config(compvis), norm, arch, **config_overrides)).eval()
     if init != "random":
         load_2d_weights(model, compvis, init)
-    model.provenance = {"init": init, "arch": arch if isinstance(arch, str) else "custom",
-                        "source": "state dict" if isinstance(source, dict) else str(source)}
+    set_provenance(model, {"init": init, "arch": arch if isinstance(arch, str) else "custom",
+                           "source": "state dict" if isinstance(source, dict) else str(source)})
     return model

@@ -1,5 +1,5 @@
 """Latent files: a `.safetensors` with the latent (C, T', H', W'), optionally its log-variance,
-and versioned string metadata that says everything decode needs (SPEC §5).
+and versioned string metadata that says everything decode needs.
 
 The stored latent is the raw posterior (mean, or a sample when `sampled`), *not* multiplied by
 `scaling_factor`; the factor is recorded for diffusion users. Writing streams: chunks go to a raw
@@ -33,12 +33,6 @@ DEFAULT_SCALING_FACTOR = 0.18215
 _PREFIX = "cvae."
 _COPY_BLOCK_BYTES = 64 << 20  # bytes copied per write when assembling the file
 
-# stored dtype -> (safetensors dtype tag, numpy dtype holding the same bytes)
-_STORAGE = {
-    "float32": ("F32", np.float32),
-    "float16": ("F16", np.float16),
-    "bfloat16": ("BF16", np.uint16),  # numpy has no bf16: move raw bits
-}
 
 
 def _format_fps(fps: Fraction | None) -> str:
@@ -70,7 +64,7 @@ def _parse_bool(s: str) -> bool:
 
 
 def _parse_dtype(s: str) -> str:
-    if s not in _STORAGE:
+    if s not in DTYPES:
         raise ValueError(s)
     return s
 
@@ -207,12 +201,11 @@ class LatentWriter:
     def __init__(self, path: str | os.PathLike, meta: LatentMeta, with_logvar: bool = False):
         if sys.byteorder != "little":
             raise CvaeError("writing latent files needs a little-endian machine")
-        if meta.dtype not in _STORAGE:
+        if meta.dtype not in DTYPES:
             raise ValueError(f"unsupported latent dtype {meta.dtype!r}")
         self.path, self.meta = Path(path), meta
         self.names = ("latent", "logvar") if with_logvar else ("latent",)
-        self._torch_dtype = DTYPES[meta.dtype]
-        self._tag, self._np_dtype = _STORAGE[meta.dtype]
+        self._torch_dtype, self._tag, self._np_dtype = DTYPES[meta.dtype]
         self._chw: tuple[int, int, int] | None = None
         self.frames = 0
         self._raw: dict[str, tuple[Path, object]] = {}

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import interrupt, losses, trainset
 from .atomic import atomic_path
-from .checkpoints import load_model, save_model, save_sd_vae
+from .checkpoints import load_model, provenance, save_model, save_sd_vae, set_provenance
 from .errors import CvaeError
 from .metrics import psnr, ssim
 from .model import CausalVAE, CausalVAEConfig, DiagonalGaussian, image_config, v1_1_0_config
@@ -85,10 +85,10 @@ class Start:
 
             arch = self.arch if self.arch in ARCHS else read_config(self.arch)
             model = inflate(fetch_sd_vae(self.inflate), init=self.init, norm=self.norm, arch=arch)
-            model.provenance["source"] = self.inflate
+            set_provenance(model, {"source": self.inflate})
             return model
         model = CausalVAE(read_config(self.config))
-        model.provenance = {"init": "random", "arch": self.config}
+        set_provenance(model, {"init": "random", "arch": self.config})
         return model
 
 
@@ -345,7 +345,7 @@ class Trainer:
             with torch.device("meta"):
                 self.vae = CausalVAE(config)
             self.vae.load_state_dict(self.checkpoint["model"], assign=True)
-            self.vae.provenance = self.checkpoint["provenance"]
+            set_provenance(self.vae, self.checkpoint["provenance"])
         else:
             torch.manual_seed(opts.seed)  # fresh weights (a config, inflated temporal layers) follow the seed
             self.vae = self.start.build()
@@ -552,7 +552,7 @@ class Trainer:
         if not self.rank0:
             return
         state = {"version": CHECKPOINT_VERSION, "step": step, "identity": self.identity,
-                 "config": vae.config.to_dict(), "provenance": dict(getattr(vae, "provenance", {})),
+                 "config": vae.config.to_dict(), "provenance": provenance(vae),
                  "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
                  "ema": ema.state_dict() if ema is not None else None,
                  "disc": disc.state_dict() if disc is not None else None,

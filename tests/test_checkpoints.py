@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cvae_cli.checkpoints import (fetch_sd_vae, load_model, model_id, read_state_dict, save_model,
-                                  weights_info)
+from cvae_cli.checkpoints import (fetch_sd_vae, load_model, model_id, provenance, read_state_dict, save_model,
+                                  set_provenance, weights_info)
 from cvae_cli.errors import CvaeError
 from cvae_cli.model import CausalVAE
 from conftest import random_model
@@ -103,15 +103,15 @@ def test_unreadable_files_give_one_clear_line(tmp_path):
 
 # --- released folders -----------------------------------------------------------------------------
 
-def test_released_folder_round_trips_through_from_pretrained(tmp_path):
+def test_released_folder_round_trips_through_load_model(tmp_path):
     model = random_model()
     for weights in ("safetensors", "bin"):
         folder = released_folder(tmp_path / weights, model, weights=weights)
-        loaded = CausalVAE.from_pretrained(str(folder))
+        loaded = load_model(str(folder))
         assert_same_weights(loaded, model)
         assert loaded.config.to_dict() == model.config.to_dict() and loaded.config.norm == "clip"
         assert not hasattr(loaded.config, "lr") and not loaded.training  # training fields dropped on reading
-        assert loaded.provenance == {"source": str(folder)}
+        assert provenance(loaded) == {"source": str(folder)}
     frame = load_model(tmp_path / "safetensors", norm="frame")
     assert frame.config.norm == "frame" and all(m.per_frame for m in frame.modules() if hasattr(m, "per_frame"))
     # the weights file itself, with config.json beside it, is as good as the folder
@@ -149,7 +149,7 @@ def test_bad_config_is_refused_with_the_source_named(tmp_path):
 
 def test_save_model_load_model_round_trip(tmp_path):
     model = random_model(norm="frame")
-    model.provenance = {"init": "tail", "arch": "v1.0.0", "source": "state dict"}
+    set_provenance(model, {"init": "tail", "arch": "v1.0.0", "source": "state dict"})
     path = save_model(model, tmp_path / "out" / "vae.safetensors", source="sd-vae-ft-mse.safetensors", steps=0)
     assert os.listdir(tmp_path / "out") == ["vae.safetensors"]  # no temporary file left behind
     meta = safe_open(str(path), "pt").metadata()
@@ -159,7 +159,7 @@ def test_save_model_load_model_round_trip(tmp_path):
     loaded = load_model(path)
     assert_same_weights(loaded, model)
     assert loaded.config == model.config
-    assert loaded.provenance == {"init": "tail", "arch": "v1.0.0", "source": "sd-vae-ft-mse.safetensors", "steps": "0"}
+    assert provenance(loaded) == {"init": "tail", "arch": "v1.0.0", "source": "sd-vae-ft-mse.safetensors", "steps": "0"}
     assert model_id(loaded) == model_id(model) == meta["model_id"]
     half = load_model(path, dtype="bf16")
     assert half.encoder.conv_in.conv.weight.dtype == torch.bfloat16
@@ -191,6 +191,23 @@ def test_model_id_is_short_stable_and_tells_weights_apart():
         b.decoder.conv_out.conv.bias[0] += 1e-3
     assert model_id(a) != model_id(b)
     assert model_id(random_model(seed=0, norm="frame")) != model_id(a)  # same tensors, other arithmetic
+
+
+def test_weights_changed_after_loading_carry_their_own_identity(tmp_path):
+    """`cvae train --weights X` loads X, trains it and saves final.safetensors: the file, the model
+    in memory and the latents made with either must all name the trained weights, not X."""
+    start = save_model(random_model(seed=0, norm="frame"), tmp_path / "x.safetensors")
+    model = load_model(start)
+    started_as = model_id(model)
+    with torch.no_grad():  # a training step, in place
+        model.decoder.conv_out.conv.bias.add_(1e-2)
+    trained = model_id(model)
+    assert trained != started_as
+    final = save_model(model, tmp_path / "final.safetensors")
+    assert safe_open(str(final), "pt").metadata()["model_id"] == trained == model_id(load_model(final))
+    assert model_id(load_model(final, dtype="bf16")) == trained  # a GPU run's cast copy answers alike
+    shipped = save_model(load_model(final).half(), tmp_path / "fp16.safetensors")  # as recipes' ship.py
+    assert safe_open(str(shipped), "pt").metadata()["model_id"] == model_id(load_model(shipped)) != trained
 
 
 # --- the hub, offline -----------------------------------------------------------------------------
@@ -226,9 +243,9 @@ def test_hub_repo_loads_from_the_cache_offline(tmp_path, offline_hub):
     src = released_folder(tmp_path / "src", model)
     weights = "diffusion_pytorch_model.safetensors"
     put_in_cache(offline_hub, "owner/name", {"vae/config.json": src / "config.json", f"vae/{weights}": src / weights})
-    loaded = CausalVAE.from_pretrained("owner/name/vae")
+    loaded = load_model("owner/name/vae")
     assert_same_weights(loaded, model)
-    assert loaded.provenance == {"source": "owner/name/vae"}
+    assert provenance(loaded) == {"source": "owner/name/vae"}
     raises_one_line(r"^cannot download owner/other/vae from the Hugging Face hub \(offline and not in the cache\): "
                     r"pass a local file or folder instead$", load_model, "owner/other/vae")
     raises_one_line(r"^cannot download owner/name from the Hugging Face hub \(offline", load_model, "owner/name")

