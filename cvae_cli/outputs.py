@@ -69,3 +69,20 @@ def check_suffix(path: Path, allowed: Iterable[str], what: str) -> None:
     allowed = tuple(allowed)
     if path.suffix.lower() not in allowed:
         raise CvaeError(f"{path}: {what} are written as {', '.join(allowed)}, not {path.suffix or 'no suffix'}")
+
+
+# --- the names cvae gives its outputs ------------------------------------------------------------
+
+def latent_name(src: Path) -> str:
+    """What `encode` writes for an input: X.mp4 -> X.safetensors."""
+    return src.stem + ".safetensors"
+
+
+def decoded_name(src: Path, image: bool) -> str:
+    """What `decode` writes for a latent: X.safetensors -> X.decoded.mp4 (an image's: X.decoded.png)."""
+    return src.stem + ".decoded" + (".png" if image else ".mp4")
+
+
+def recon_name(src: Path, image: bool) -> str:
+    """What `reconstruct` writes for an input: X.mp4 -> X.recon.mp4, an image -> X.recon.png."""
+    return src.stem + ".recon" + (".png" if image else ".mp4")

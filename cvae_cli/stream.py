@@ -1,4 +1,4 @@
-"""Model + frame iterator -> latent chunks, and back: chunking, causal caches, tiling (SPEC §4).
+"""Model + frame iterator -> latent chunks, and back: chunking, causal caches, tiling.
 
 Three ways to cut a video in time, all producing the same number of latents:
 - "stream": chunks of 1 + c frames, then c frames, with every causal layer's cache carried across
@@ -11,7 +11,9 @@ blended linearly where they overlap. Peak memory depends on the chunk and tile s
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -24,8 +26,10 @@ from . import interrupt
 from .accel import layout
 from .device import placement
 from .model import CausalVAE, CausalVAEConfig, StreamCache
+from .model.vae import frame_local
 
 MODES = ("stream", "window", "whole")
+DEFAULT_CHUNK = 16  # frames per chunk after the first, at most (`auto_cut` shortens it for large frames)
 WINDOW_FRAMES = 65  # Open-Sora-Plan v1.1.0's temporal window: 17 latents
 
 
@@ -35,7 +39,7 @@ class StreamOptions:
     The device and dtype are the model's own."""
 
     mode: str = "stream"
-    chunk: int = 16
+    chunk: int = DEFAULT_CHUNK
     tile: int | None = None  # pixel tile side (multiple of 32); None keeps whole frames
 
     def __post_init__(self):
@@ -59,16 +63,24 @@ def auto_cut(width: int, height: int, chunk: int | None = None, tile: int | str 
         tile = AUTO_TILE if width * height > TILE_ABOVE else None
     if chunk is None:
         area = min(tile or width, width) * min(tile or height, height)
-        chunk = max(4, min(16, CHUNK_PIXELS // area // 4 * 4))
+        chunk = max(4, min(DEFAULT_CHUNK, CHUNK_PIXELS // area // 4 * 4))
     return chunk, tile
 
 
 WINDOW_TILE = 256  # Open-Sora-Plan v1.1.0's spatial tile
 
 
+@functools.lru_cache(maxsize=16)
+def _exact_streaming(config_json: str) -> bool:
+    with torch.device("meta"):  # the modules, not their weights
+        model = CausalVAE(CausalVAEConfig.from_dict(json.loads(config_json)))
+    return frame_local(model)
+
+
 def exact_streaming(config: CausalVAEConfig) -> bool:
-    """Whether streamed chunks equal the whole clip: per-frame norm and per-frame attention."""
-    return config.norm == "frame" and config.encoder_attention == config.decoder_attention == "AttnBlock3DFix"
+    """Whether streamed chunks equal the whole clip: the model is frame-local (`model.vae.frame_local`,
+    the one rule: per-frame norm and per-frame attention)."""
+    return _exact_streaming(config.to_json())
 
 
 def choose_options(config: CausalVAEConfig, width: int, height: int, mode: str = "auto",

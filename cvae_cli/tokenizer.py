@@ -1,14 +1,24 @@
-"""File-level jobs: a video or image in, a latent file out, and back, without holding a video.
+"""The `Tokenizer`: weights, device, dtype and speed options resolved once, the policy for how to
+cut an input, and the jobs every command runs: a video or image in, a latent file out, and back,
+without holding a video; and the same in memory, for frames a caller already holds.
+
+    from cvae_cli import Tokenizer
+    tok = Tokenizer.load()                              # the default weights, auto device and dtype
+    tok.encode("clip.mp4")                              # -> clip.safetensors
+    tok.decode("clip.safetensors")                      # -> clip.decoded.mp4
 
 container -> `media` frames -> `stream` chunks through the model -> `latents` file, and the mirror
 image. `reconstruct` chains both in memory and scores the result against its input as it goes.
 Inputs are opened once (`media.MediaFile`, `latents.LatentFile`) and passed along opened. Each job
-reports progress as a count of frames through the model, through an optional callback.
+reports progress as a count of frames through the model, through an optional callback. Many inputs
+follow one failure policy (`per_input`): an input's own failure is its outcome, anything else ends
+the run.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import queue
 import threading
 from dataclasses import dataclass, field, replace
@@ -21,12 +31,15 @@ import torch
 
 from . import interrupt, media
 from .atomic import remove_stale
-from .checkpoints import model_id
+from .checkpoints import default_weights, load_model, model_id
+from .device import is_cuda, placement, resolve
 from .errors import CvaeError
 from .latents import LatentFile, LatentMeta, LatentWriter, check_compatible
 from .metrics import FrameMetrics, frames_to_tensor
-from .model import CausalVAE, DiagonalGaussian
-from .stream import StreamOptions, decode_latents, encode_batch, encode_frames, padded_length, padded_size
+from .model import CausalVAE, CausalVAEConfig, DiagonalGaussian
+from .outputs import decoded_name, latent_name, recon_name, refuse_unsafe
+from .stream import (DEFAULT_CHUNK, MODES, StreamOptions, choose_options, decode_latents, encode_batch, encode_frames,
+                     exact_streaming, padded_length, padded_size)
 
 Progress = Callable[[int], None]
 # (name, expected frames or None) -> a context giving the Progress callback for one batch of inputs
@@ -475,3 +488,194 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
                                 progress, transform=score, times=times if keep_times else None,
                                 time_base=info.time_base)
     return Result(dst, written, metrics)
+
+
+# --- the cut policy ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cut:
+    """How inputs are cut for the model, as asked; what is left `auto` (mode "auto", chunk None,
+    tile "auto") is chosen per frame size by `stream.choose_options`, within `memory_budget`
+    (bytes) when one is given. A cut StreamOptions refuses is refused here, before any weights load."""
+
+    mode: str = "auto"
+    chunk: int | None = None
+    tile: int | str | None = "auto"  # "auto", None (whole frames) or a tile side in pixels
+    memory_budget: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("auto", *MODES):
+            raise CvaeError(f"--mode {self.mode}: use auto, {', '.join(MODES)}")
+        try:
+            StreamOptions(chunk=self.chunk or DEFAULT_CHUNK, tile=self.tile if isinstance(self.tile, int) else None)
+        except ValueError as e:
+            raise CvaeError(str(e)) from None
+
+    @classmethod
+    def parse(cls, mode: str = "auto", chunk: str = "auto", tile: str = "auto",
+              memory_budget: int | None = None) -> Cut:
+        """From the command line's words: --chunk auto or N, --tile auto, off or N."""
+        return cls(mode, None if chunk == "auto" else _whole(chunk, "--chunk"),
+                   tile if tile == "auto" else None if tile == "off" else _whole(tile, "--tile"), memory_budget)
+
+    def options(self, config: CausalVAEConfig, width: int, height: int, image: bool = False) -> StreamOptions:
+        budget = {} if self.memory_budget is None else {"memory_budget": self.memory_budget}
+        try:
+            return choose_options(config, width, height, self.mode, self.chunk, self.tile, image, **budget)
+        except ValueError as e:
+            raise CvaeError(str(e)) from None
+
+
+def _whole(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CvaeError(f"{option} {text}: expected a whole number") from None
+
+
+def _selection(select: Selection | None, fields: dict) -> Selection:
+    if select is not None and fields:
+        raise TypeError("pass either select= or the selection's fields, not both")
+    return select if select is not None else Selection(**fields)
+
+
+def _target(src: Path, dst: Path | str | None, name: str, overwrite: bool) -> Path:
+    """Where a job writes: `dst`, or `name` beside the input; never the input itself, and never an
+    existing file unless `overwrite`."""
+    dst = Path(dst) if dst is not None else src.parent / name
+    refuse_unsafe([(src, dst)])
+    if dst.exists() and not overwrite:
+        raise CvaeError(f"{dst} exists: pass overwrite=True to replace it")
+    return dst
+
+
+# --- the tokenizer ----------------------------------------------------------------------------
+
+class Tokenizer:
+    """A loaded model and the cut asked for: what encode, decode, reconstruct and the dataset
+    runner all work through. `notes` and `warnings` say what loading chose on the user's behalf
+    (the built-in model) or what will not work as they may expect (streaming a clip-norm model)."""
+
+    def __init__(self, model: CausalVAE, cut: Cut = Cut(), notes: Sequence[str] = (), warnings: Sequence[str] = ()):
+        self.model, self.cut = model, cut
+        self.notes, self.warnings = list(notes), list(warnings)
+
+    @classmethod
+    def load(cls, weights: str | Path | None = None, device: str | torch.device = "auto",
+             dtype: str | torch.dtype = "auto", norm: str | None = None, fast: bool = False, compile: bool = False,
+             mode: str = "auto", chunk: int | None = None, tile: int | str | None = "auto",
+             memory_budget: int | None = None, *, local_rank: int | None = None) -> Tokenizer:
+        """Weights: a cvae .safetensors, an Open-Sora-Plan folder or hub id; None: the SD VAE
+        `cvae inflate` made, else the built-in small model (said in `notes`). `device`/`dtype` auto:
+        CUDA and bf16 when a GPU is visible, else the CPU in fp32. `norm` overrides the weights'
+        GroupNorm (frame streams exactly); `fast` and `compile` are the speed levers proven equal to
+        the plain model. `mode`, `chunk`, `tile`, `memory_budget`: how inputs are cut (`Cut`)."""
+        cut = Cut(mode, chunk, tile, memory_budget)
+        place, precision = resolve(device, dtype, local_rank)
+        notes = []
+        if weights is None:
+            weights, builtin = default_weights()
+            if builtin:
+                notes.append("using the built-in small model (cvae-small, trained on a CPU); "
+                             "`cvae inflate` makes the better Stable Diffusion one")
+        model = load_model(weights, norm=norm, device=place, dtype=precision)
+        if fast or compile:
+            from .accel import Acceleration, prepare
+
+            # channels-last is left out: slower on a GPU (benchmarks/README.md)
+            prepare(model, Acceleration(fused_norm=fast, compile=compile, cudnn_benchmark=fast and is_cuda(place)))
+        warnings = []
+        if cut.mode == "stream" and not exact_streaming(model.config):
+            warnings.append("--mode stream only approximates this model (its norm or attention spans the whole "
+                            "clip); --mode auto cuts it as Open-Sora-Plan does")
+        return cls(model, cut, notes, warnings)
+
+    @property
+    def device(self) -> torch.device:
+        return placement(self.model)[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return placement(self.model)[1]
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.model)
+
+    def options(self, width: int, height: int, image: bool = False) -> StreamOptions:
+        """How an input of this frame size is cut (`Cut.options`)."""
+        return self.cut.options(self.model.config, width, height, image)
+
+    # file to file ----------------------------------------------------------------------------
+
+    def encode(self, src: str | Path, dst: str | Path | None = None, *, select: Selection | None = None,
+               seed: int | None = None, save_logvar: bool = False, overwrite: bool = False,
+               progress: Progress | None = None, **selection) -> Result:
+        """A video or image -> a latent file (default: X.safetensors beside X). `selection`: the
+        fields of `Selection` (start, end, fps, size, max_side, allow_partial); `seed` stores a
+        posterior sample instead of its mean."""
+        src = Path(src)
+        dst = _target(src, dst, latent_name(src), overwrite)
+        return encode_file(self.model, src, dst, self.options, _selection(select, selection), seed=seed,
+                           save_logvar=save_logvar, progress=progress)
+
+    def encode_many(self, jobs: Sequence[tuple[Path, Path, Selection]], *, batch_size: int = 1,
+                    seed: int | None = None, save_logvar: bool = False,
+                    progress: ProgressFactory | None = None) -> Iterator[tuple[int, Result | Exception]]:
+        """(job index, outcome) of many (input, output, selection) jobs, `batch_size` of one size at a
+        time; an input's own failure is its outcome (`per_input`)."""
+        return encode_many(self.model, jobs, self.options, batch_size=batch_size, seed=seed,
+                           save_logvar=save_logvar, progress=progress)
+
+    def decode(self, latent: str | Path | LatentFile, dst: str | Path | None = None, *, crf: int = 18,
+               force: bool = False, overwrite: bool = False, progress: Progress | None = None) -> Result:
+        """A latent file -> a video at its original size and rate (an image's -> an image);
+        default X.decoded.mp4 / X.decoded.png beside it. `force` waives the weights' identity."""
+        with contextlib.ExitStack() as stack:
+            if not isinstance(latent, LatentFile):
+                latent = stack.enter_context(LatentFile.open(latent))
+            dst = _target(latent.path, dst, decoded_name(latent.path, latent.meta.fps is None), overwrite)
+            return decode_file(self.model, latent, dst, self.options, crf=crf, force=force, progress=progress)
+
+    def reconstruct(self, src: str | Path, dst: str | Path | None = None, *, select: Selection | None = None,
+                    crf: int = 18, side_by_side: bool = False, overwrite: bool = False,
+                    progress: Progress | None = None, **selection) -> Result:
+        """Encode and decode in one pass (default X.recon.mp4 / X.recon.png beside X); the
+        result's `metrics` hold the PSNR and SSIM of every frame against its input."""
+        src = Path(src)
+        dst = _target(src, dst, recon_name(src, media.is_image(src)), overwrite)
+        return reconstruct_file(self.model, src, dst, self.options, _selection(select, selection), crf=crf,
+                                side_by_side=side_by_side, progress=progress)
+
+    # in memory -------------------------------------------------------------------------------
+
+    def encode_frames(self, frames: Iterable[np.ndarray], *, seed: int | None = None) -> torch.Tensor:
+        """uint8 RGB frames (T, H, W, 3), or any iterable of (H, W, 3) frames -> the latent
+        (C, 1 + (T-1)/4 rounded up, H/8, W/8) in float32 on the CPU: the posterior mean, or with
+        `seed` a sample (the same as `encode` stores)."""
+        it = iter(frames)
+        first = next(it, None)
+        if first is None:
+            raise CvaeError("no frames to encode")
+        rest = list(itertools.islice(it, 1))
+        options = self.options(first.shape[1], first.shape[0], image=not rest)
+        chunks, done = [], 0
+        for mean, logvar in encode_frames(self.model, itertools.chain([first], rest, it), options):
+            latent = mean if seed is None else DiagonalGaussian(mean[None].float(), logvar[None].float()) \
+                .sample(seed=seed, first_frame=done)[0]
+            chunks.append(latent.float().cpu())
+            done += mean.shape[1]
+        return torch.cat(chunks, dim=1)
+
+    def decode_latent(self, latent: torch.Tensor, frames: int | None = None, height: int | None = None,
+                      width: int | None = None) -> np.ndarray:
+        """A latent (C, T', h, w) -> uint8 RGB frames (frames, height, width, 3): by default all
+        1 + 4(T'-1) frames at 8x its size (pass the original count and size to crop the padding)."""
+        c, t, h, w = latent.shape
+        ft, fs = self.model.config.time_compression, self.model.config.space_compression
+        height, width = height or h * fs, width or w * fs
+        options = self.options(width, height, image=t == 1)
+        step = max(1, options.chunk // ft)
+        chunks = decode_latents(self.model, latent.split(step, dim=1), options, height, width)
+        out = np.concatenate(list(chunks))
+        return out[: frames or 1 + ft * (t - 1)]
