@@ -13,8 +13,9 @@ _LAZY = {
     "LatentFile": "latents", "LatentMeta": "latents", "LatentWriter": "latents",
     "StreamOptions": "stream", "choose_options": "stream", "encode_frames": "stream", "decode_latents": "stream",
     "open_media": "media", "MediaFile": "media", "MediaInfo": "media",
-    "encode_file": "pipeline", "encode_many": "pipeline", "decode_file": "pipeline", "reconstruct_file": "pipeline",
-    "Selection": "pipeline", "read_manifest": "dataset", "run_manifest": "dataset", "Dist": "distributed",
+    "Tokenizer": "tokenizer", "Selection": "tokenizer",
+    "encode_file": "tokenizer", "encode_many": "tokenizer", "decode_file": "tokenizer", "reconstruct_file": "tokenizer",
+    "read_manifest": "dataset", "run_manifest": "dataset", "Dist": "distributed",
     "psnr": "metrics", "ssim": "metrics",
 }
 

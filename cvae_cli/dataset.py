@@ -15,7 +15,7 @@ deterministic and balanced by frame count. Frame counts come from the container 
 `start`, or `end - start` when the manifest gives `end`, scaled by a manifest `fps`); a clip whose
 header says nothing is estimated from its file size at the mean bytes-per-frame of the others.
 
-A clip that fails on its own (`pipeline.per_input`: unreadable, truncated, out of memory) is
+A clip that fails on its own (`tokenizer.per_input`: unreadable, truncated, out of memory) is
 appended, as it happens, to `OUT/.cvae/failures.rank-R.jsonl` (so an interrupted run leaves a
 record) and the run goes on; any other failure ends the run (and, through `Dist.session`, every
 rank). At the end rank 0 gathers all failures into `OUT/failures.jsonl` and the totals into
@@ -40,7 +40,7 @@ from .distributed import Dist
 from .errors import CvaeError, describe
 from .latents import LatentFile
 from .outputs import refuse_unsafe
-from .pipeline import Options, ProgressFactory, Selection, encode_many
+from .tokenizer import Options, ProgressFactory, Selection, encode_many
 
 SUFFIX = ".safetensors"
 RUN_DIR = ".cvae"  # per-rank live failure logs, under out_dir
@@ -375,7 +375,7 @@ def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(
              seed: int | None = None, save_logvar: bool = False, overwrite: bool = False, batch_size: int = 1,
              note: Note | None = None, progress: ProgressFactory | None = None) -> tuple[Summary, list[dict]]:
     """Encode this rank's share of `plan`, `batch_size` clips of one model size at a time. A clip
-    that fails on its own is recorded and the run goes on (`pipeline.per_input`); anything else
+    that fails on its own is recorded and the run goes on (`tokenizer.per_input`); anything else
     raises. Returns this rank's summary and failures."""
     from .checkpoints import model_id
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvae_cli import interrupt, media, pipeline  # noqa: E402
+from cvae_cli import interrupt, media, tokenizer  # noqa: E402
 from cvae_cli.cli import app  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def fail(rank: int) -> None:
         def broken(*args, **kwargs):
             raise RuntimeError("injected failure")
 
-        pipeline.encode_files = broken
+        tokenizer.encode_files = broken
 
 
 if __name__ == "__main__":

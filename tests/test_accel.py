@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cvae_cli import media, pipeline
+from cvae_cli import media, tokenizer
 from cvae_cli.accel import Acceleration, fused_group_norm_silu, prepare
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile
@@ -143,7 +143,7 @@ def test_batched_clips_equal_one_by_one(norm, tile):
 
 
 def test_background_keeps_order_raises_the_producers_error_and_stops_early():
-    assert list(pipeline.background(iter(range(50)), 3)) == list(range(50))
+    assert list(tokenizer.background(iter(range(50)), 3)) == list(range(50))
 
     def failing():
         yield from range(3)
@@ -151,7 +151,7 @@ def test_background_keeps_order_raises_the_producers_error_and_stops_early():
 
     got = []
     with pytest.raises(CvaeError, match="broken at frame 3"):
-        for item in pipeline.background(failing(), 2):
+        for item in tokenizer.background(failing(), 2):
             got.append(item)
     assert got == [0, 1, 2]
     closed = []
@@ -165,7 +165,7 @@ def test_background_keeps_order_raises_the_producers_error_and_stops_early():
         finally:
             closed.append(True)
 
-    for item in pipeline.background(endless(), 2):
+    for item in tokenizer.background(endless(), 2):
         if item == 5:
             break
     assert closed == [True]  # the producer thread was stopped and its generator closed, no deadlock
@@ -178,8 +178,8 @@ def test_threaded_pipeline_equals_inline_and_surfaces_reader_errors(tmp_path, mo
             writer.write(frame)
     opts = StreamOptions(chunk=4)
     for depth in (0, 2):
-        pipeline.encode_file(model, src, tmp_path / f"z{depth}.safetensors", opts, prefetch=depth)
-        pipeline.decode_file(model, tmp_path / f"z{depth}.safetensors", tmp_path / f"o{depth}.mp4", opts,
+        tokenizer.encode_file(model, src, tmp_path / f"z{depth}.safetensors", opts, prefetch=depth)
+        tokenizer.decode_file(model, tmp_path / f"z{depth}.safetensors", tmp_path / f"o{depth}.mp4", opts,
                              prefetch=depth)
     assert torch.equal(LatentFile.open(tmp_path / "z0.safetensors").read(),
                        LatentFile.open(tmp_path / "z2.safetensors").read())
@@ -197,5 +197,5 @@ def test_threaded_pipeline_equals_inline_and_surfaces_reader_errors(tmp_path, mo
     before = sorted(p.name for p in tmp_path.iterdir())
     for depth in (0, 2):
         with pytest.raises(CvaeError, match="corrupt packet"):
-            pipeline.encode_file(model, src, tmp_path / "bad.safetensors", opts, prefetch=depth)
+            tokenizer.encode_file(model, src, tmp_path / "bad.safetensors", opts, prefetch=depth)
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary file

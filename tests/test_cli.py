@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cvae_cli import media, pipeline
+from cvae_cli import media, tokenizer
 from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.latents import LatentFile
-from conftest import random_model, rel_err
+from conftest import REPO, random_model, rel_err
 
 runner = CliRunner()
 
@@ -143,8 +145,8 @@ def test_auto_tiles_a_large_photo_but_not_a_large_video(tmp_path, weights, monke
     monkeypatch.setattr(stream, "AUTO_TILE", 64)
     cuts = []
     for name in ("encode_batch", "decode_latents"):
-        real = getattr(pipeline, name)
-        monkeypatch.setattr(pipeline, name, lambda model, items, options, *a, real=real: cuts.append(options.tile)
+        real = getattr(tokenizer, name)
+        monkeypatch.setattr(tokenizer, name, lambda model, items, options, *a, real=real: cuts.append(options.tile)
                             or real(model, items, options, *a))
     make_video(tmp_path / "v.mp4", frames=5)
     media.write_image(tmp_path / "p.png", np.full((70, 94, 3), 90, np.uint8))
@@ -159,8 +161,8 @@ def test_auto_tiles_a_large_photo_but_not_a_large_video(tmp_path, weights, monke
 
 def test_batched_encode_equals_one_by_one_and_isolates_a_broken_input(tmp_path, weights, monkeypatch):
     batches = []
-    real = pipeline.encode_batch
-    monkeypatch.setattr(pipeline, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
+    real = tokenizer.encode_batch
+    monkeypatch.setattr(tokenizer, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
     for i, n in enumerate((5, 13, 9)):
         make_video(tmp_path / f"v{i}.mp4", frames=n, seed=i)
     make_video(tmp_path / "small.mp4", frames=5, width=64, height=48)  # another size: a batch of its own
@@ -375,7 +377,7 @@ def test_bad_weights_are_one_line_errors(tmp_path, weights):
 
 def test_unexpected_failures_are_one_line_too(tmp_path, weights, monkeypatch):
     media.write_image(tmp_path / "img.png", np.zeros((16, 16, 3), np.uint8))
-    monkeypatch.setattr("cvae_cli.pipeline.encode_files", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
+    monkeypatch.setattr("cvae_cli.tokenizer.encode_files", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
     r = cvae("encode", tmp_path / "img.png", "-w", weights)
     assert_one_line_error(r, "RuntimeError: boom", "CVAE_DEBUG")
     assert r.exit_code == 2
@@ -545,7 +547,7 @@ def test_a_later_run_removes_what_a_killed_one_left_and_outputs_are_readable_by_
 
 
 def test_progress_in_a_log_is_a_line_every_few_seconds_of_frames_through_the_model(tmp_path, weights, monkeypatch):
-    from cvae_cli.cli import Output
+    from cvae_cli.cli.output import Output
 
     monkeypatch.setattr(Output, "every_s", 0.0)  # a line at every step
     make_video(tmp_path / "v.mp4", frames=13)
@@ -561,7 +563,7 @@ def test_progress_on_a_terminal_shows_rate_and_time_left_from_the_first_chunk():
     updates inside it: the bar must still show frames/s and the time left after one chunk."""
     from rich.progress import Progress
 
-    from cvae_cli.cli import BAR_COLUMNS
+    from cvae_cli.cli.output import BAR_COLUMNS
 
     now = [0.0]
     bar = Progress(*BAR_COLUMNS(), get_time=lambda: now[0], auto_refresh=False, disable=True)
@@ -597,3 +599,12 @@ def test_a_sample_does_not_depend_on_the_chunk(tmp_path, weights):
     assert rel_err(samples[1], samples[0]) < 1e-5 and rel_err(samples[2], samples[0]) < 1e-5
     assert cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / "mean.safetensors", "-w", weights).exit_code == 0
     assert rel_err(samples[0], LatentFile.open(tmp_path / "mean.safetensors").read()) > 1e-3  # it is a sample
+
+
+@pytest.mark.parametrize("entry", [["-m", "cvae_cli"], ["-m", "cvae_cli.cli"]])
+def test_every_way_of_running_the_cli_lists_every_command(entry):
+    """`python -m cvae_cli.cli` once listed neither train nor plot (its __main__ guard sat mid-file)."""
+    r = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    listed = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
+    assert {"inflate", "info", "encode", "decode", "reconstruct", "train", "plot"} <= listed

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 from cvae_cli import media  # noqa: E402
 from cvae_cli.checkpoints import load_model  # noqa: E402
 from cvae_cli.inflate import inflate  # noqa: E402
-from cvae_cli.pipeline import Selection, reconstruct_file  # noqa: E402
+from cvae_cli.tokenizer import Selection, reconstruct_file  # noqa: E402
 from cvae_cli.stream import StreamOptions, auto_cut  # noqa: E402
 from cvae_cli.train import read_config  # noqa: E402
 
