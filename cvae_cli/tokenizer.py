@@ -440,6 +440,10 @@ def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Op
     The architecture must match even with `force`, which only waives the weights' identity."""
     latent = src if isinstance(src, LatentFile) else LatentFile.open(src)
     meta = latent.meta
+    made_with = meta.config(str(latent.path)).norm
+    if made_with != model.config.norm and not force:
+        raise CvaeError(f"{latent.path} was encoded with the weights' GroupNorm set to {made_with}, not "
+                        f"{model.config.norm}: decode it with --norm {made_with}")
     check_compatible(meta, model_id(model), model.config, where=str(latent.path), force=force)
     check_output_kind(dst, image=meta.fps is None)
     remove_stale(dst)
@@ -539,6 +543,10 @@ def _selection(select: Selection | None, fields: dict) -> Selection:
     return select if select is not None else Selection(**fields)
 
 
+def _path(src: str | Path | media.MediaFile) -> Path:
+    return src.path if isinstance(src, media.MediaFile) else Path(src)
+
+
 def _target(src: Path, dst: Path | str | None, name: str, overwrite: bool) -> Path:
     """Where a job writes: `dst`, or `name` beside the input; never the input itself, and never an
     existing file unless `overwrite`."""
@@ -608,14 +616,14 @@ class Tokenizer:
 
     # file to file ----------------------------------------------------------------------------
 
-    def encode(self, src: str | Path, dst: str | Path | None = None, *, select: Selection | None = None,
+    def encode(self, src: str | Path | media.MediaFile, dst: str | Path | None = None, *, select: Selection | None = None,
                seed: int | None = None, save_logvar: bool = False, overwrite: bool = False,
                progress: Progress | None = None, **selection) -> Result:
         """A video or image -> a latent file (default: X.safetensors beside X). `selection`: the
         fields of `Selection` (start, end, fps, size, max_side, allow_partial); `seed` stores a
         posterior sample instead of its mean."""
-        src = Path(src)
-        dst = _target(src, dst, latent_name(src), overwrite)
+        path = _path(src)
+        dst = _target(path, dst, latent_name(path), overwrite)
         return encode_file(self.model, src, dst, self.options, _selection(select, selection), seed=seed,
                            save_logvar=save_logvar, progress=progress)
 
@@ -637,13 +645,13 @@ class Tokenizer:
             dst = _target(latent.path, dst, decoded_name(latent.path, latent.meta.fps is None), overwrite)
             return decode_file(self.model, latent, dst, self.options, crf=crf, force=force, progress=progress)
 
-    def reconstruct(self, src: str | Path, dst: str | Path | None = None, *, select: Selection | None = None,
+    def reconstruct(self, src: str | Path | media.MediaFile, dst: str | Path | None = None, *, select: Selection | None = None,
                     crf: int = 18, side_by_side: bool = False, overwrite: bool = False,
                     progress: Progress | None = None, **selection) -> Result:
         """Encode and decode in one pass (default X.recon.mp4 / X.recon.png beside X); the
         result's `metrics` hold the PSNR and SSIM of every frame against its input."""
-        src = Path(src)
-        dst = _target(src, dst, recon_name(src, media.is_image(src)), overwrite)
+        path = _path(src)
+        dst = _target(path, dst, recon_name(path, media.is_image(path)), overwrite)
         return reconstruct_file(self.model, src, dst, self.options, _selection(select, selection), crf=crf,
                                 side_by_side=side_by_side, progress=progress)
 
@@ -679,3 +687,10 @@ class Tokenizer:
         chunks = decode_latents(self.model, latent.split(step, dim=1), options, height, width)
         out = np.concatenate(list(chunks))
         return out[: frames or 1 + ft * (t - 1)]
+
+
+def recorded_norm(latents: Iterable[LatentFile]) -> str | None:
+    """The GroupNorm the latents were made with (`encode --norm` changes it), when they agree:
+    decode runs the weights with it unless told otherwise, so the latents decode as they were made."""
+    norms = {latent.meta.config(str(latent.path)).norm for latent in latents}
+    return norms.pop() if len(norms) == 1 else None

@@ -3,34 +3,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Iterable, Optional
+from typing import TYPE_CHECKING, Annotated, Iterable, Optional
 
 import typer
 from rich.markup import escape
 
 from ..errors import CvaeError
-from ..outputs import check_suffix, expand, name_outputs
+from ..outputs import check_suffix, decoded_name, expand, name_outputs, recon_name
 from .app import command
-from .jobs import load_engine, one_by_one, report, triage
-from .options import (AllowPartial, Chunk, Compile, Crf, Cut, Device, DryRun, Dtype, Fast, Fps, Frames, Inputs,
-                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, selection)
+from .jobs import one_by_one, report, triage
+from .options import Crf, DryRun, Inputs, ModelOptions, OutDir, OutFile, Overwrite, Quiet, SelectOptions, grouped
 from .output import Output, count
+
+if TYPE_CHECKING:
+    from ..latents import LatentFile
 
 
 @command
+@grouped
 def decode(
     inputs: Inputs,
     output: OutFile = None,
     out_dir: OutDir = None,
-    weights: Weights = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    mode: Mode = "auto",
-    chunk: Chunk = "auto",
-    tile: Tile = "auto",
-    norm: Norm = None,
-    fast: Fast = False,
-    compile: Compile = False,
+    model: ModelOptions = ModelOptions(),
     crf: Crf = 18,
     force: Annotated[bool, typer.Option("--force", help="Decode latents made by other weights of the same "
                                                         "architecture anyway.")] = False,
@@ -53,61 +48,55 @@ def decode(
         cvae decode 'latents/*.safetensors' --out-dir decoded/ --crf 12
     ```
     """
-    from ..latents import LatentFile
-    from ..tokenizer import check_output_kind, decode_file
+    from ..tokenizer import check_output_kind, recorded_norm
 
-    out = Output(quiet)
-    cut = Cut.parse(mode, chunk, tile)
-    paths = expand(inputs)
-    latents: dict[Path, LatentFile] = {}
-    unreadable = []
-    for p in paths:  # opened once: the metadata names the output, the job decodes from it
-        if p.is_file():
-            try:
-                latents[p] = LatentFile.open(p)
-            except CvaeError as e:
-                out.error(str(e))
-                unreadable.append(p)
-    kind = {p: ".png" if f.meta.fps is None else ".mp4" for p, f in latents.items()}
+    out, paths = Output(quiet), expand(inputs)
+    latents, unreadable = open_latents(out, paths)
     if output is not None and len(latents) == 1:
-        check_output_kind(output, image=kind[next(iter(latents))] == ".png")
+        check_output_kind(output, image=next(iter(latents.values())).meta.fps is None)
     readable = [p for p in paths if p not in unreadable]
-    jobs = name_outputs(readable, output, out_dir, lambda src: src.stem + ".decoded" + kind.get(src, ".mp4"),
+    jobs = name_outputs(readable, output, out_dir, lambda src: decoded_name(src, src in latents and
+                                                                            latents[src].meta.fps is None),
                         unreadable=unreadable)  # a file given as input is never written over, readable or not
     todo = triage(out, jobs, overwrite, dry_run, failed=unreadable)
     if dry_run:
         raise typer.Exit(1 if todo.failed else 0)
     outcomes: Iterable = ()
     if todo.pending:
-        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
+        tok = model.load(out, norm=recorded_norm(latents[src] for src, _ in todo.pending))
         outcomes = one_by_one(out, todo.pending, "decoding", latents.__getitem__, lambda latent: latent.meta.frames,
-                              lambda latent, dst, advance: decode_file(engine.model, latent, dst, engine.options,
-                                                                       crf=crf, force=force, progress=advance))
+                              lambda latent, dst, advance: tok.decode(latent, dst, crf=crf, force=force,
+                                                                      overwrite=True, progress=advance))
     report(out, len(paths), todo, outcomes)
 
 
+def open_latents(out: Output, paths: list[Path]) -> tuple[dict[Path, LatentFile], list[Path]]:
+    """Each latent file opened once (its metadata names the output, the job decodes from it), and
+    those that cannot be read, each said in a line."""
+    from ..latents import LatentFile
+
+    latents, unreadable = {}, []
+    for p in paths:
+        if p.is_file():
+            try:
+                latents[p] = LatentFile.open(p)
+            except CvaeError as e:
+                out.error(str(e))
+                unreadable.append(p)
+    return latents, unreadable
+
+
 @command
+@grouped
 def reconstruct(
     inputs: Inputs,
     output: OutFile = None,
     out_dir: OutDir = None,
-    weights: Weights = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    mode: Mode = "auto",
-    chunk: Chunk = "auto",
-    tile: Tile = "auto",
-    norm: Norm = None,
-    fast: Fast = False,
-    compile: Compile = False,
-    frames: Frames = None,
-    fps: Fps = None,
-    size: Size = None,
-    max_side: MaxSide = None,
+    model: ModelOptions = ModelOptions(),
+    where: SelectOptions = SelectOptions(),
     crf: Crf = 18,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input and reconstruction side by side.")] = False,
     metrics_json: Annotated[Optional[Path], typer.Option("--metrics-json", help="Save per-frame PSNR/SSIM here.")] = None,
-    allow_partial: AllowPartial = False,
     dry_run: DryRun = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -125,37 +114,33 @@ def reconstruct(
     """
     from .. import media
     from ..atomic import atomic_path
-    from ..tokenizer import reconstruct_file
 
-    out = Output(quiet)
-    select = selection(frames, fps, size, max_side, allow_partial)
-    cut = Cut.parse(mode, chunk, tile)
-    paths = expand(inputs)
+    out, select, paths = Output(quiet), where.selection(), expand(inputs)
     if metrics_json is not None:
         check_suffix(metrics_json, [".json"], "metrics")
-    jobs = name_outputs(paths, output, out_dir,
-                        lambda src: src.stem + ".recon" + (".png" if media.is_image(src) else ".mp4"))
+    jobs = name_outputs(paths, output, out_dir, lambda src: recon_name(src, media.is_image(src)))
     todo = triage(out, jobs, overwrite, dry_run)
     if dry_run:
         raise typer.Exit(1 if todo.failed else 0)
-    scores = {}
-
-    def keep_score(src: Path, result) -> None:
-        m = result.metrics
-        out.info(escape(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {count(len(m.psnr), 'frame')}"))
-        scores[str(src)] = {**m.summary(), "psnr_per_frame": m.psnr, "ssim_per_frame": m.ssim}
-
+    scores: dict[str, dict] = {}
     outcomes: Iterable = ()
     if todo.pending:
-        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
+        tok = model.load(out)
         outcomes = one_by_one(out, todo.pending, "reconstructing", media.open_media,
                               lambda source: select.expected_frames(source.info),
-                              lambda source, dst, advance: reconstruct_file(
-                                  engine.model, source, dst, engine.options, select, crf=crf,
-                                  side_by_side=side_by_side, progress=advance))
+                              lambda source, dst, advance: tok.reconstruct(source, dst, select=select, crf=crf,
+                                                                           side_by_side=side_by_side,
+                                                                           overwrite=True, progress=advance))
     try:
-        report(out, len(paths), todo, outcomes, on_result=keep_score)
+        report(out, len(paths), todo, outcomes, on_result=lambda src, result: keep_score(out, scores, src, result))
     finally:
         if metrics_json and scores:
             with atomic_path(metrics_json) as tmp:
                 tmp.write_text(json.dumps(scores, indent=1, default=float))
+
+
+def keep_score(out: Output, scores: dict[str, dict], src: Path, result) -> None:
+    """Say an input's scores, and keep them for --metrics-json."""
+    m = result.metrics
+    out.info(escape(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {count(len(m.psnr), 'frame')}"))
+    scores[str(src)] = {**m.summary(), "psnr_per_frame": m.psnr, "ssim_per_frame": m.ssim}

@@ -1,6 +1,7 @@
 """`cvae encode`: files, or a whole dataset through a manifest."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Iterable, List, Optional
 
@@ -8,11 +9,10 @@ import typer
 from rich.markup import escape
 
 from ..errors import CvaeError
-from ..outputs import check_suffix, expand, name_outputs
+from ..outputs import check_suffix, expand, latent_name, name_outputs
 from .app import command
-from .jobs import load_engine, report, triage
-from .options import (AllowPartial, BatchSize, Chunk, Compile, Cut, Device, DryRun, Dtype, Fast, Fps, Frames,
-                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, selection)
+from .jobs import report, triage
+from .options import BatchSize, DryRun, ModelOptions, OutDir, OutFile, Overwrite, Quiet, SelectOptions, grouped
 from .output import Output
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 @command
+@grouped
 def encode(
     inputs: Annotated[Optional[List[str]], typer.Argument(help="Input files (globs allowed); none with --manifest.",
                                                           show_default=False)] = None,
@@ -31,25 +32,14 @@ def encode(
                            "under --out-dir; complete ones are skipped (resumable); failures go to "
                            "failures.jsonl, totals to summary.json. Under torchrun, ranks share the clips.")] = None,
     dry_run: DryRun = False,
-    weights: Weights = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    mode: Mode = "auto",
-    chunk: Chunk = "auto",
-    tile: Tile = "auto",
-    norm: Norm = None,
-    fast: Fast = False,
-    compile: Compile = False,
+    model: ModelOptions = ModelOptions(),
     batch_size: BatchSize = 1,
-    frames: Frames = None,
-    fps: Fps = None,
-    size: Size = None,
-    max_side: MaxSide = None,
+    where: SelectOptions = SelectOptions(),
     sample: Annotated[bool, typer.Option("--sample", help="Store a posterior sample instead of its mean "
                                                           "(the same for any --chunk).")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for --sample.")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (default 0).",
+                                                show_default=False)] = None,
     save_logvar: Annotated[bool, typer.Option("--save-logvar", help="Also store the posterior log-variance.")] = False,
-    allow_partial: AllowPartial = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
@@ -70,36 +60,36 @@ def encode(
         torchrun --nproc_per_node 8 -m cvae_cli encode --manifest clips.csv --out-dir latents/
     ```
     """
-    out = Output(quiet)
-    select = selection(frames, fps, size, max_side, allow_partial)
-    cut = Cut.parse(mode, chunk, tile)
-    seed_or_none = seed if sample else None
+    out, select, seed = Output(quiet), where.selection(), sample_seed(sample, seed)
     if manifest is not None:
         if inputs or output is not None or out_dir is None:
             raise CvaeError("--manifest takes no input files and no -o; it needs --out-dir")
-        return encode_manifest(out, manifest, out_dir, dry_run, select, cut, weights, device, dtype, norm, fast,
-                               compile, seed_or_none, save_logvar, overwrite, batch_size)
+        return encode_manifest(out, manifest, out_dir, dry_run, select, model, seed, save_logvar, overwrite,
+                               batch_size)
     if not inputs:
         raise CvaeError("give input files, or --manifest")
     if output is not None:
         check_suffix(output, [".safetensors"], "latents")
-    jobs = name_outputs(expand(inputs), output, out_dir, lambda src: src.stem + ".safetensors")
+    jobs = name_outputs(expand(inputs), output, out_dir, latent_name)
     todo = triage(out, jobs, overwrite, dry_run)
     if dry_run:
         raise typer.Exit(1 if todo.failed else 0)
     outcomes: Iterable = ()
     if todo.pending:
-        from ..tokenizer import encode_many
-
-        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
-        outcomes = encode_many(engine.model, [(src, dst, select) for src, dst in todo.pending], engine.options,
-                               batch_size=batch_size, seed=seed_or_none, save_logvar=save_logvar,
-                               progress=lambda name, total: out.progress(f"encoding {name}", total))
+        outcomes = model.load(out).encode_many([(src, dst, select) for src, dst in todo.pending],
+                                               batch_size=batch_size, seed=seed, save_logvar=save_logvar,
+                                               progress=lambda name, total: out.progress(f"encoding {name}", total))
     report(out, len(jobs), todo, outcomes)
 
 
-def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, select: Selection, cut: Cut,
-                    weights: str, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
+def sample_seed(sample: bool, seed: int | None) -> int | None:
+    """The seed of a posterior sample, or None to store the mean; --seed alone is refused, not ignored."""
+    if seed is not None and not sample:
+        raise CvaeError("--seed is the seed of --sample: add --sample to store a sample, or drop --seed")
+    return (seed or 0) if sample else None
+
+
+def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, select: Selection, model: ModelOptions,
                     seed: int | None, save_logvar: bool, overwrite: bool, batch_size: int) -> None:
     """`encode --manifest`: one process, or this rank's share under torchrun (see `dataset`)."""
     from .. import dataset
@@ -107,15 +97,16 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
 
     clips = dataset.read_manifest(manifest)
     dist = Dist.from_env()
+    model = replace(model, device=dist.device(model.device))  # resolved once, for the session and the model
     if dry_run:
-        with dist.session(dist.device(device)):
+        with dist.session(model.device):
             plan = dataset.make_plan(clips, out_dir, dist, overwrite)
             if dist.rank == 0:
                 for line in plan.lines():
                     typer.echo(line)
         raise typer.Exit(1 if plan.missing() else 0)  # as a plain --dry-run: a missing input fails
-    with dist.session(dist.device(device)):
-        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, dist.local_rank)
+    with dist.session(model.device):
+        tok = model.load(out, dist.local_rank)
         # one process: a bar (or a line every few seconds) per clip, and the per-clip lines; under
         # torchrun the per-clip lines only, prefixed with the rank, each written whole so that
         # processes never interleave mid-line
@@ -125,7 +116,7 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
         else:
             note, progress = dataset.line_writer(dist.rank, dist.world), None
         note = (lambda m: None) if out.quiet else note
-        summary = dataset.run_manifest(engine.model, clips, out_dir, engine.options, select, dist=dist, seed=seed,
+        summary = dataset.run_manifest(tok.model, clips, out_dir, tok.options, select, dist=dist, seed=seed,
                                        save_logvar=save_logvar, overwrite=overwrite, batch_size=batch_size,
                                        note=note, progress=progress)
     if dist.rank == 0:

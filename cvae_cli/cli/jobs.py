@@ -1,76 +1,17 @@
-"""What the file commands share: loading the model, sorting jobs before any weights are loaded,
+"""What the file commands share: sorting jobs before any weights are loaded,
 running them one input at a time, and reporting each outcome."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import typer
 from rich.markup import escape
 
 from .. import interrupt
 from ..errors import CvaeError, describe
-from .options import Cut
 from .output import Output, count
-
-if TYPE_CHECKING:
-    from ..model import CausalVAE
-    from ..stream import StreamOptions
-
-
-def load_weights(weights: str | None, device, dtype, norm: str | None, fast: bool = False, compile: bool = False,
-                 out: Output | None = None) -> CausalVAE:
-    """The model, on its device in its dtype, with the speed levers asked for. No --weights: the SD
-    VAE `cvae inflate` made, else the built-in small model (said in one line)."""
-    from ..checkpoints import default_weights, load_model
-
-    if weights is None:
-        path, builtin = default_weights()
-        if builtin:
-            (out or Output()).info("note: using the built-in small model (cvae-small, trained on a CPU); "
-                                   "`cvae inflate` makes the better Stable Diffusion one")
-        weights = str(path)
-    model = load_model(weights, norm=norm, device=device, dtype=dtype)
-    if fast or compile:
-        from ..accel import Acceleration, prepare
-
-        # channels-last is left out: on an H200 it made encode and decode slower (benchmarks/README.md)
-        prepare(model, Acceleration(fused_norm=fast, compile=compile,
-                                    cudnn_benchmark=fast and str(device).startswith("cuda")))
-    return model
-
-
-
-@dataclass
-class Engine:
-    """What encode, decode and reconstruct share: the loaded model and the cut asked for."""
-
-    model: CausalVAE
-    cut: Cut
-
-    def options(self, width: int, height: int, image: bool = False) -> StreamOptions:
-        from ..stream import choose_options
-
-        try:
-            return choose_options(self.model.config, width, height, self.cut.mode, self.cut.chunk, self.cut.tile, image)
-        except ValueError as e:
-            raise CvaeError(str(e)) from None
-
-
-def load_engine(out: Output, weights: str | None, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
-                cut: Cut, local_rank: int | None = None) -> Engine:
-    from ..device import resolve
-    from ..stream import exact_streaming
-
-    dev, dt = resolve(device, dtype, local_rank)
-    model = load_weights(weights, dev, dt, norm, fast, compile, out)
-    if cut.mode == "stream" and not exact_streaming(model.config):
-        out.warn("--mode stream only approximates this model (its norm or attention spans the whole clip); "
-                 "--mode auto cuts it as Open-Sora-Plan does")
-    interrupt.check()  # loading takes a while: a Ctrl-C during it stops here
-    return Engine(model, cut)
-
 
 
 Job = tuple[Path, Path]  # (input, output)

@@ -1,16 +1,24 @@
-"""Option types shared by the commands (declared once), and parsing them into library values."""
+"""Option types shared by the commands (declared once), the option groups several commands take
+(`ModelOptions`, `SelectOptions`), and parsing them into library values."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
+from rich.markup import escape
 
+from .. import interrupt
 from ..errors import CvaeError
 
 if TYPE_CHECKING:
-    from ..tokenizer import Selection
+    from ..tokenizer import Cut, Selection, Tokenizer
+    from .output import Output
 
 
 Inputs = Annotated[List[str], typer.Argument(help="Input files (globs allowed).", show_default=False)]
@@ -31,7 +39,8 @@ Mode = Annotated[str, typer.Option("--mode", help="Time cutting: auto (stream a 
 Chunk = Annotated[str, typer.Option("--chunk", help="Frames per chunk (multiple of 4), or auto by frame size.")]
 Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels. auto tiles "
                                    "photos above 1080p by 512; a video that streams exactly keeps whole frames.")]
-Norm = Annotated[Optional[str], typer.Option("--norm", help="Override the model's GroupNorm: clip or frame.")]
+Norm = Annotated[Optional[str], typer.Option("--norm", help="Override the model's GroupNorm: clip or frame. Latents "
+                                                            "record it: decode uses theirs unless told otherwise.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Frames = Annotated[Optional[str], typer.Option("--frames", help="Frame range A:B (either side optional), counted "
                                                                 "after --fps resampling.")]
@@ -50,30 +59,6 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
 Crf = Annotated[int, typer.Option("--crf", help="Video quality: H.264 0 (lossless) .. 51, VP9 0 .. 63; "
                                                "18 looks lossless.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="List what would be done (and what is missing), and stop.")]
-
-
-@dataclass(frozen=True)
-class Cut:
-    """How the user asked videos to be cut for the model (`auto` fields are chosen per size)."""
-
-    mode: str = "auto"
-    chunk: int | None = None
-    tile: int | str | None = "auto"
-
-    @classmethod
-    def parse(cls, mode: str, chunk: str, tile: str) -> Cut:
-        from ..stream import MODES, StreamOptions
-
-        if mode not in ("auto", *MODES):
-            raise CvaeError(f"--mode {mode}: use auto, {', '.join(MODES)}")
-        cut = cls(mode, None if chunk == "auto" else _int(chunk, "--chunk"),
-                  tile if tile == "auto" else None if tile == "off" else _int(tile, "--tile"))
-        try:  # refuse a bad --chunk or --tile now, not after loading the weights
-            StreamOptions(chunk=cut.chunk or 16, tile=cut.tile if isinstance(cut.tile, int) else None)
-        except ValueError as e:
-            raise CvaeError(str(e)) from None
-        return cut
-
 
 
 def _int(text: str, option: str) -> int:
@@ -99,4 +84,86 @@ def selection(frames: str | None, fps: float | None, size: str | None, max_side:
         if not sep:
             raise CvaeError(f"--size {size}: expected WxH, e.g. 1280x720")
         wh = (_int(w, "--size"), _int(h, "--size"))
+    if wh and max_side:
+        raise CvaeError("--size and --max-side both set the size: give one")
     return Selection(start=start, end=end, fps=fps, size=wh, max_side=max_side, allow_partial=allow_partial)
+
+
+# --- option groups ---------------------------------------------------------------------------------
+
+def grouped(fn):
+    """Let a command take an option group (a dataclass whose fields are option types) as one
+    parameter: Typer sees the group's fields as the command's options, in its place; the command
+    gets the group, built from them. A group is thus declared once for every command that takes it."""
+    signature = inspect.signature(fn, eval_str=True)
+    params, groups = [], {}
+    for p in signature.parameters.values():
+        if dataclasses.is_dataclass(p.annotation):
+            groups[p.name] = p.annotation
+            hints = typing.get_type_hints(p.annotation, include_extras=True)
+            params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                         default=f.default) for f in dataclasses.fields(p.annotation)]
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        for name, group in groups.items():
+            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)})
+        return fn(**kwargs)
+
+    command.__signature__ = signature.replace(parameters=params)
+    command.__annotations__ = {}
+    return command
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which weights, where, in what precision, how fast, and how inputs are cut: every command
+    that runs the model takes these. A bad cut is refused on parsing, before any weights load."""
+
+    weights: Weights = None
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    mode: Mode = "auto"
+    chunk: Chunk = "auto"
+    tile: Tile = "auto"
+    norm: Norm = None
+    fast: Fast = False
+    compile: Compile = False
+
+    def __post_init__(self):
+        self.cut()
+
+    def cut(self) -> Cut:
+        from ..tokenizer import Cut
+
+        return Cut.parse(self.mode, self.chunk, self.tile)
+
+    def load(self, out: Output, local_rank: int | None = None, norm: str | None = None) -> Tokenizer:
+        """The Tokenizer, with what loading chose or warns of said; `norm` when --norm is not given."""
+        from ..tokenizer import Tokenizer
+
+        cut = self.cut()
+        tok = Tokenizer.load(self.weights, self.device, self.dtype, self.norm or norm, self.fast, self.compile,
+                             cut.mode, cut.chunk, cut.tile, cut.memory_budget, local_rank=local_rank)
+        for note in tok.notes:
+            out.info(escape(f"note: {note}"))
+        for warning in tok.warnings:
+            out.warn(warning)
+        interrupt.check()  # loading takes a while: a Ctrl-C during it stops here
+        return tok
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """Which frames of each input, at what rate and size."""
+
+    frames: Frames = None
+    fps: Fps = None
+    size: Size = None
+    max_side: MaxSide = None
+    allow_partial: AllowPartial = False
+
+    def selection(self) -> Selection:
+        return selection(self.frames, self.fps, self.size, self.max_side, self.allow_partial)
