@@ -1,19 +1,25 @@
-"""Shared test helpers: where the Open-Sora-Plan reference outputs live, small random models."""
+"""Shared test helpers: where the Open-Sora-Plan reference outputs live, small random models, small
+frames and videos, a fake Hugging Face cache. Test files import from here, never from each other."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import av
+import numpy as np
 import pytest
 import torch
 
 from cvae_cli.model import CausalVAE, CausalVAEConfig
 
 REPO = Path(__file__).resolve().parents[1]
+# A model that streams exactly: GroupNorm and attention per frame.
+FRAME_NORM = dict(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
 FIXTURES = Path(os.environ.get("CVAE_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
@@ -46,6 +52,40 @@ def random_model(seed: int = 0, **overrides) -> CausalVAE:
             if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "norm_out.weight", "mix_factor")):
                 p.add_(torch.randn_like(p) * 0.3)
     return model
+
+
+def clip(n: int, h: int = 32, w: int = 48, seed: int = 0) -> list[np.ndarray]:
+    """`n` random uint8 RGB frames of h x w."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def make_video(path: Path, frames: int = 13, width: int = 94, height: int = 70, fps: int = 24, seed: int = 0) -> Path:
+    """An H.264 mp4 of a random picture sliding one pixel a frame."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:  # index first
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
+    """Lay files out as huggingface_hub's cache does: refs/main names a snapshot folder."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(HUB_COMMIT)
+    for name, src in files.items():
+        dest = folder / "snapshots" / HUB_COMMIT / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
 
 
 def free_port() -> int:

@@ -17,15 +17,7 @@ from cvae_cli.model import StreamCache
 from cvae_cli.model.blocks import ResnetBlock3D
 from cvae_cli.model.layers import group_norm_silu
 from cvae_cli.stream import StreamOptions, decode_batch, decode_latents, encode_batch, encode_frames
-from conftest import random_model, rel_err
-
-FRAME_NORM = dict(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
-
-
-def clip(n: int, h: int = 32, w: int = 48, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
-
+from conftest import FRAME_NORM, clip, random_model, rel_err
 
 def stream(model, frames, chunk=4):
     opts = StreamOptions(chunk=chunk)

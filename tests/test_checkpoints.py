@@ -15,7 +15,7 @@ from cvae_cli.checkpoints import (fetch_sd_vae, load_model, model_id, provenance
                                   set_provenance, weights_info)
 from cvae_cli.errors import CvaeError
 from cvae_cli.model import CausalVAE
-from conftest import random_model
+from conftest import put_in_cache, random_model
 
 # Open-Sora-Plan v1.0.0's config.json as released, shrunk to toy width (training-only fields kept).
 RELEASED_CONFIG = {
@@ -34,7 +34,6 @@ RELEASED_CONFIG = {
     "loss_type": "opensora.models.ae.videobase.losses.LPIPSWithDiscriminator", "lr": 1e-05, "num_res_blocks": 1,
     "q_conv": "CausalConv3d", "resolution": 256, "z_channels": 4,
 }
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def assert_same_weights(a: CausalVAE, b: CausalVAE) -> None:
@@ -225,17 +224,6 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
-
-
-def put_in_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
-    """Lay files out as huggingface_hub's cache does: refs/main names a snapshot folder."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(COMMIT)
-    for name, src in files.items():
-        dest = folder / "snapshots" / COMMIT / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dest)
 
 
 def test_hub_repo_loads_from_the_cache_offline(tmp_path, offline_hub):

@@ -18,7 +18,7 @@ from cvae_cli import media, tokenizer
 from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.latents import LatentFile
-from conftest import REPO, random_model, rel_err
+from conftest import FRAME_NORM, REPO, make_video, put_in_cache, random_model, rel_err
 
 runner = CliRunner()
 
@@ -27,22 +27,9 @@ def cvae(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def make_video(path: Path, frames: int = 13, width: int = 94, height: int = 70, fps: int = 24, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:  # index first
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    model = random_model(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
+    model = random_model(**FRAME_NORM)
     return save_model(model, tmp_path_factory.mktemp("w") / "tiny.safetensors", init="random")
 
 
@@ -288,8 +275,6 @@ def test_inflate_offline_is_one_quick_line_that_says_how_to_pass_a_local_file(tm
 
 
 def test_inflate_takes_the_cached_sd_vae_without_asking_the_network(tmp_path, no_network, sd_vae):
-    from test_checkpoints import put_in_cache
-
     put_in_cache(no_network, "stabilityai/sd-vae-ft-mse", {"diffusion_pytorch_model.safetensors": sd_vae})
     r = cvae("inflate", "-o", tmp_path / "w.safetensors")
     assert r.exit_code == 0, r.output
@@ -599,6 +584,34 @@ def test_a_sample_does_not_depend_on_the_chunk(tmp_path, weights):
     assert rel_err(samples[1], samples[0]) < 1e-5 and rel_err(samples[2], samples[0]) < 1e-5
     assert cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / "mean.safetensors", "-w", weights).exit_code == 0
     assert rel_err(samples[0], LatentFile.open(tmp_path / "mean.safetensors").read()) > 1e-3  # it is a sample
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path, weights):
+    """--seed without --sample, and --size with --max-side, used to be dropped silently."""
+    make_video(tmp_path / "v.mp4", frames=5)
+    assert_one_line_error(cvae("encode", tmp_path / "v.mp4", "-w", weights, "--seed", "7"),
+                          "--seed is the seed of --sample")
+    for command in ("encode", "reconstruct"):
+        assert_one_line_error(cvae(command, tmp_path / "v.mp4", "-w", weights, "--size", "32x32", "--max-side", "16"),
+                              "--size and --max-side both set the size")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
+
+
+def test_latents_encoded_with_another_norm_decode_with_it(tmp_path):
+    """`encode --norm frame` of clip-norm weights records the norm; decode runs the weights with it
+    unless told otherwise (it used to refuse them as made by other weights)."""
+    clip_norm = save_model(random_model(encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix"),
+                           tmp_path / "clip.safetensors")
+    make_video(tmp_path / "v.mp4", frames=5, width=32, height=24)
+    assert cvae("encode", tmp_path / "v.mp4", "-w", clip_norm, "--norm", "frame", "-o", tmp_path / "z.safetensors",
+                "--chunk", "4").exit_code == 0
+    r = cvae("decode", tmp_path / "z.safetensors", "-w", clip_norm, "-o", tmp_path / "auto.mp4")
+    assert r.exit_code == 0, r.output
+    assert cvae("decode", tmp_path / "z.safetensors", "-w", clip_norm, "--norm", "frame",
+                "-o", tmp_path / "told.mp4").exit_code == 0
+    assert (tmp_path / "auto.mp4").read_bytes() == (tmp_path / "told.mp4").read_bytes()
+    assert_one_line_error(cvae("decode", tmp_path / "z.safetensors", "-w", clip_norm, "--norm", "clip",
+                               "-o", tmp_path / "clip.mp4"), "decode it with --norm frame")
 
 
 @pytest.mark.parametrize("entry", [["-m", "cvae_cli"], ["-m", "cvae_cli.cli"]])

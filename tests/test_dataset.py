@@ -14,8 +14,7 @@ from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile
-from conftest import REPO, cvae_process, random_model, rel_err, wait_for
-from test_cli import make_video
+from conftest import REPO, cvae_process, make_video, random_model, rel_err, wait_for
 
 runner = CliRunner()
 

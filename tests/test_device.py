@@ -13,9 +13,8 @@ from cvae_cli import stream
 from cvae_cli.device import dtype_named, placement, resolve
 from cvae_cli.errors import CvaeError
 from cvae_cli.model import CausalVAE
-from conftest import tiny_config
+from conftest import FRAME_NORM, tiny_config
 
-FRAME_NORM = dict(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
 CUDA = torch.device("cuda", 0)
 aten = torch.ops.aten
 # ops that move or cast on purpose; every other op must see one device and one floating dtype

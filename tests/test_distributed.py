@@ -13,8 +13,7 @@ import sys
 import pytest
 
 from cvae_cli.distributed import Dist
-from conftest import REPO, cvae_process, free_port
-from test_cli import make_video
+from conftest import REPO, cvae_process, free_port, make_video
 
 # rank FAILING fails at the chosen point while the other has finished its share and waits for it
 SCRIPT = """

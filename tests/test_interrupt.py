@@ -12,11 +12,7 @@ import torch
 
 from cvae_cli import interrupt, tokenizer
 from cvae_cli.stream import StreamOptions, Tiler, encode_frames
-from conftest import REPO, cvae_process, random_model, wait_for
-from test_cli import make_video
-
-FRAME_NORM = dict(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
-
+from conftest import FRAME_NORM, REPO, cvae_process, make_video, random_model, wait_for
 
 @pytest.fixture(autouse=True)
 def no_pending_stop():

@@ -17,9 +17,8 @@ from cvae_cli.model import CausalVAE, Levers, StreamCache, image_config
 from cvae_cli.model import blocks, layers
 from cvae_cli.model.vae import run_in_slices
 from cvae_cli.stream import StreamOptions, decode_batch, decode_latents, encode_batch, encode_frames
-from conftest import fixture_file, random_model, rel_err
+from conftest import FRAME_NORM, clip, fixture_file, random_model, rel_err
 
-FRAME_NORM = dict(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
 V1_1_0 = dict(encoder_conv_in="Conv2d", encoder_resnet_blocks=("ResnetBlock2D",) * 2 + ("ResnetBlock3D",) * 2,
               encoder_spatial_downsample=("Downsample",) * 3 + ("",),
               encoder_temporal_downsample=("", "TimeDownsampleRes2x", "TimeDownsampleRes2x", ""),
@@ -31,11 +30,6 @@ EVERY_SLICE = Levers(slice_elements=1)  # one frame per slice at every stage: th
 
 def plain(model: CausalVAE) -> CausalVAE:
     return copy.deepcopy(model).use_levers(Levers.off())
-
-
-def clip(n: int, h: int = 32, w: int = 48, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
 
 
 def round_trip(model, frames, **options):

@@ -8,14 +8,10 @@ import torch
 from benchmarks.memory import LiveTensorBytes
 from cvae_cli.model import StreamCache
 from cvae_cli.stream import StreamOptions, decode_latents, encode_frames, groups, padded_length
-from conftest import random_model, rel_err
-
-FRAME_NORM = dict(norm="frame", encoder_attention="AttnBlock3DFix", decoder_attention="AttnBlock3DFix")
-
+from conftest import FRAME_NORM, clip as frames_of, random_model, rel_err
 
 def clip(n: int, h: int = 40, w: int = 56, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+    return frames_of(n, h, w, seed)  # this file's clips are 40x56
 
 
 def encode(model, frames, **options):
