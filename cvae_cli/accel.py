@@ -28,7 +28,7 @@ class Acceleration:
     channels_last: Conv weights and activations in channels-last-3d (NDHWC), the layout cuDNN's
       fastest bf16 3-D convolution kernels want; NCDHW makes it transpose around every conv.
     fused_norm: GroupNorm + SiLU as one compiled kernel (statistics, then a single normalize-and-
-      activate pass) instead of norm, then a separate SiLU pass over a 0.24 GB/frame tensor.
+      activate pass) instead of norm, then a separate SiLU pass over the activation.
     compile: torch.compile of the encoder and decoder step with a dynamic time length, so the first
       chunk (1 + c frames), later chunks (c) and a short last chunk share graphs. StreamCache is a
       plain dict that dynamo traces through; it specialises on "cache empty or not" (two graphs

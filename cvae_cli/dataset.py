@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 
 from . import media
 from .atomic import atomic_path, remove_stale
-from .distributed import Dist
+from .distributed import Dist, rank_prefix
 from .errors import CvaeError, describe
 from .latents import LatentFile
 from .outputs import refuse_unsafe
@@ -461,7 +461,7 @@ def line_writer(rank: int, world: int, stream=None) -> Note:
     """Per-clip lines for logs and many processes: `[rank r] ...`, each line one write() call so
     lines from different processes sharing a terminal or log file never interleave mid-line."""
     stream = stream or sys.stderr
-    prefix = f"[rank {rank}] " if world > 1 else ""
+    prefix = rank_prefix(rank, world)
 
     def write(message: str) -> None:
         data = (prefix + message.replace("\n", " ") + "\n").encode("utf-8", "replace")

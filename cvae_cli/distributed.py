@@ -33,6 +33,14 @@ POLL_S = 0.25  # how often a waiting rank looks at the others
 BEAT_S = 1.0  # how often a rank says it is alive
 
 
+def rank_prefix(rank: int | str | None = None, world: int | str | None = None) -> str:
+    """`[rank r] ` when several processes speak (by default: torchrun's RANK and WORLD_SIZE), so
+    each line says whose it is; nothing for one process."""
+    world = os.environ.get("WORLD_SIZE", "1") if world is None else world
+    rank = os.environ.get("RANK", "0") if rank is None else rank
+    return f"[rank {rank}] " if str(world) not in ("", "1") else ""
+
+
 def _seconds(name: str, default: float) -> float:
     try:
         return float(os.environ.get(name, default))

@@ -17,10 +17,22 @@ import torch
 from .checkpoints import check_shapes, read_state_dict, sd_vae_config, sd_vae_to_compvis, set_provenance
 from .errors import CvaeError
 from .model import CausalVAE, CausalVAEConfig, v1_1_0_config
+from .model.config import NORMS
 from .model.layers import CausalConv3d
 
 INITS = ("tail", "center", "average", "random")
 ARCHS = ("v1.0.0", "v1.1.0")
+
+
+def check_choices(init: str, arch: str | CausalVAEConfig, norm: str) -> None:
+    """The one check of how to inflate (`cvae inflate`, `cvae train --inflate`, `inflate()`), made
+    before any weights are read."""
+    if init not in INITS:
+        raise CvaeError(f"--init {init}: use one of {', '.join(INITS)}")
+    if isinstance(arch, str) and arch not in ARCHS:
+        raise CvaeError(f"--arch {arch}: use one of {', '.join(ARCHS)}")
+    if norm not in NORMS:
+        raise CvaeError(f"--norm {norm}: use one of {', '.join(NORMS)}")
 
 
 def inflate_weight(w: torch.Tensor, kt: int, init: str) -> torch.Tensor:
@@ -35,7 +47,7 @@ def inflate_weight(w: torch.Tensor, kt: int, init: str) -> torch.Tensor:
     elif init == "average":
         out[:] = (w / kt).unsqueeze(2)
     else:
-        raise CvaeError(f"unknown init {init!r} (known: {', '.join(INITS[:3])})")
+        raise ValueError(f"no 2-D weights to inflate with init {init!r} (`check_choices` comes first)")
     return out
 
 
@@ -61,7 +73,7 @@ def inflated_config(sd_config: dict[str, Any], norm: str = "frame", arch: str | 
             decoder_spatial_upsample=tuple("SpatialUpsample2x" if i > 0 else "" for i in range(levels)),
             decoder_temporal_upsample=tuple("TimeUpsample2x" if i >= levels - 2 else "" for i in range(levels)))
     elif arch != "v1.1.0":
-        raise CvaeError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
+        raise ValueError(f"unknown arch {arch!r} (`check_choices` comes first)")
     fields.update(overrides)
     try:
         return CausalVAEConfig(**fields) if arch == "v1.0.0" else v1_1_0_config(**fields)
@@ -130,8 +142,7 @@ def inflate(source: dict[str, torch.Tensor] | str | Path, init: str = "tail", no
     `config_overrides` change the layout (e.g. no temporal resampling, for tests). The returned
     model's provenance (init, arch, source) is what `save_model` writes into the file's metadata.
     """
-    if init not in INITS:
-        raise CvaeError(f"unknown init {init!r} (known: {', '.join(INITS)})")
+    check_choices(init, arch, norm)
     compvis = sd_vae_to_compvis(source if isinstance(source, dict) else read_state_dict(source))
     check_image_vae(compvis)
     model = CausalVAE(inflated_config(sd_vae_config(compvis), norm, arch, **config_overrides)).eval()

@@ -27,6 +27,7 @@ from .atomic import atomic_path, remove_stale, temp_beside
 from .device import DTYPES
 from .errors import CvaeError
 from .model.config import CausalVAEConfig
+from .stream import padded_length, padded_size
 
 FORMAT_VERSION = 1
 DEFAULT_SCALING_FACTOR = 0.18215
@@ -146,17 +147,11 @@ class LatentMeta:
         except (ValueError, TypeError, AttributeError):
             raise CvaeError(f"{where} is not a cvae latent file (metadata cvae.model_config is invalid)") from None
 
-    @property
-    def latent_channels(self) -> int:
-        """The config's `embed_dim` (4 for every released model)."""
-        return self.config().embed_dim
-
     def latent_shape(self, where: str = "latent file") -> tuple[int, int, int, int]:
         """The (C, T', H', W') this metadata describes; CvaeError when its fields disagree."""
         cfg = self.config(where)
         ft, fs = cfg.time_compression, cfg.space_compression
-        padded = (1 + ft * math.ceil(max(self.frames - 1, 0) / ft), fs * math.ceil(self.height / fs),
-                  fs * math.ceil(self.width / fs))
+        padded = padded_length(self.frames, ft), padded_size(self.height, fs), padded_size(self.width, fs)
         if min(self.frames, self.height, self.width) < 1 or \
                 (self.padded_frames, self.padded_height, self.padded_width) != padded:
             raise CvaeError(f"{where}: its metadata disagrees with itself ({self.frames} frames of "

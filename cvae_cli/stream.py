@@ -220,6 +220,17 @@ class Tiler:
         return axis(y.shape[-2], inner_y)[:, None] * axis(y.shape[-1], inner_x)[None, :]
 
 
+def to_pixels(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> float32 pixels (3, T, H, W) in [-1, 1]: the model's input scale,
+    set here once (one rounding)."""
+    return torch.as_tensor(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> uint8 of the same layout, rounded and clipped as a written frame is."""
+    return x.float().add(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def frames_to_pixels(frames: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype,
                      factor: int = 8) -> torch.Tensor:
     """uint8 (H, W, 3) frames -> (1, 3, T, H', W') in [-1, 1] on the device, edges repeated to
@@ -227,7 +238,7 @@ def frames_to_pixels(frames: Sequence[np.ndarray], device: torch.device, dtype: 
     x = torch.from_numpy(np.stack(frames))
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
-    x = x.permute(3, 0, 1, 2).unsqueeze(0).float().div_(127.5).sub_(1).to(dtype)  # one rounding
+    x = to_pixels(x).unsqueeze(0).to(dtype)
     h, w = x.shape[-2:]
     pad = (0, padded_size(w, factor) - w, 0, padded_size(h, factor) - h, 0, 0)
     return F.pad(x, pad, mode="replicate") if any(pad) else x
@@ -235,8 +246,7 @@ def frames_to_pixels(frames: Sequence[np.ndarray], device: torch.device, dtype: 
 
 def pixels_to_frames(x: torch.Tensor, height: int, width: int) -> np.ndarray:
     """(1, 3, T, H', W') in [-1, 1] -> uint8 (T, height, width, 3) on the CPU, padding cropped."""
-    x = x[0, :, :, :height, :width].float().add(1).mul_(127.5).round_().clamp_(0, 255)  # x stays the caller's
-    return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    return to_uint8(x[0, :, :, :height, :width]).permute(1, 2, 3, 0).cpu().numpy()  # x stays the caller's
 
 
 def lockstep(sources: list[Iterator[tuple[torch.Tensor, bool]]], tiler: Tiler,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import interrupt, losses, trainset
+from . import interrupt, losses, stream, trainset
 from .atomic import atomic_path
 from .checkpoints import load_model, provenance, save_model, save_sd_vae, set_provenance
 from .errors import CvaeError
@@ -68,6 +68,10 @@ class Start:
         if len(given) != 1:
             raise CvaeError("give exactly one starting point: --weights, --inflate or --config"
                             + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
+        if self.inflate:
+            from .inflate import ARCHS, check_choices
+
+            check_choices(self.init, self.arch if self.arch in ARCHS else "v1.0.0", self.norm)  # a layout file: read later
 
     def describe(self) -> str:
         if self.weights:
@@ -287,7 +291,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] pixels (C, T, H, W) -> uint8 frames (T, C, H, W), rounded as a written video is."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).transpose(0, 1)
+    return stream.to_uint8(x).transpose(0, 1)
 
 
 def write_samples(path: Path, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

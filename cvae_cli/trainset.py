@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import media
 from .errors import CvaeError
+from .stream import to_pixels
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".ogv", ".m4v", ".mpg", ".mpeg",
                             ".gif", ".flv", ".wmv"})
@@ -179,8 +180,7 @@ class TrainingClips(torch.utils.data.Dataset):
             except CvaeError as e:
                 failures.append((str(source.path), str(e)))
                 continue
-            pixels = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float().div_(127.5).sub_(1)
-            return pixels, failures
+            return to_pixels(np.stack(frames)), failures
         raise CvaeError(f"{_MAX_TRIES} sources in a row could not be read (last: {failures[-1][1]})")
 
     def _choose(self, rng: np.random.Generator, image: bool):
@@ -347,5 +347,5 @@ def validation_set(data: Survey, frames: int, size: int, factor: int = 4) -> lis
         side = min(w, h)
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
         pixels = np.stack([_resample(f, box, size, False) for f in got])
-        out.append((source.path.name, torch.from_numpy(pixels).permute(3, 0, 1, 2).float().div_(127.5).sub_(1)))
+        out.append((source.path.name, to_pixels(pixels)))
     return out

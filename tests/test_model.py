@@ -42,7 +42,7 @@ def test_released_config_builds_full_size_model(version):
     model = CausalVAE(config_from_json(released))
     keys = {k for k in model.state_dict()}
     assert "encoder.conv_in.weight" in keys if version == "1.1.0" else "encoder.conv_in.conv.weight" in keys
-    if version == "1.0.0":  # SPEC §2: 229 M parameters
+    if version == "1.0.0":  # the released model: 229 M parameters
         assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 229) < 1
 
 

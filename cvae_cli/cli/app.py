@@ -9,8 +9,9 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .. import interrupt
+from ..distributed import rank_prefix
 from ..errors import CvaeError, describe
-from .output import Output, rank_prefix
+from .output import Output
 
 
 def version() -> str:

@@ -41,15 +41,10 @@ def inflate(
     ```
     """
     from ..checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, save_model, set_provenance
-    from ..inflate import ARCHS, INITS, inflate as inflate_sd
+    from ..inflate import check_choices, inflate as inflate_sd
 
     out = Output(quiet)
-    if init not in INITS:
-        raise CvaeError(f"--init {init}: use one of {', '.join(INITS)}")
-    if arch not in ARCHS:
-        raise CvaeError(f"--arch {arch}: use one of {', '.join(ARCHS)}")
-    if norm not in ("frame", "clip"):
-        raise CvaeError(f"--norm {norm}: use frame or clip")
+    check_choices(init, arch, norm)
     from ..checkpoints import INFLATED_WEIGHTS, data_dir
 
     output = output or data_dir() / (INFLATED_WEIGHTS if init == "tail" and arch == "v1.0.0" and norm == "frame"

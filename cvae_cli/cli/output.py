@@ -1,7 +1,6 @@
 """All printing: messages, errors, and progress (a bar on a terminal, a line every few seconds in a log)."""
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -15,11 +14,6 @@ from rich.text import Text
 def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
-
-def rank_prefix() -> str:
-    """`[rank r] ` under torchrun, so each process's line says whose it is."""
-    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
-    return f"[rank {rank}] " if world not in ("", "1") else ""
 
 
 

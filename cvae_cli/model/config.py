@@ -107,10 +107,6 @@ class CausalVAEConfig:
         return 2 ** sum(bool(b) for b in self.encoder_spatial_downsample)
 
     @property
-    def latent_channels(self) -> int:
-        return self.embed_dim
-
-    @property
     def is_image_model(self) -> bool:
         """Every block sees one frame at a time: an SD-style image VAE (see `image_config`)."""
         return (self.time_compression == 1 and not any(self.decoder_temporal_upsample)

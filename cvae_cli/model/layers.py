@@ -3,7 +3,7 @@
 Every layer that looks at past frames takes an optional `StreamCache`. Without one it sees a whole
 clip, exactly as Open-Sora-Plan computes it. With one, it keeps what the next chunk needs (the last
 input frames, the phase of a stride, a frame held back for look-ahead), so a clip fed in chunks gives
-the whole-clip result wherever the model itself is causal (SPEC §4).
+the whole-clip result wherever the model itself is causal.
 
 Two exact shortcuts live here, each switched by a flag that `CausalVAE.use_levers` sets:
 - `fold_start`: at a clip's start the causal padding repeats frame 0, so the taps that reach before
@@ -308,7 +308,7 @@ def doubled_in_time(head: torch.Tensor, x: torch.Tensor, before: torch.Tensor, a
     """`head`, then x at twice the frame rate by linear interpolation, as trilinear `interpolate` by 2
     (align_corners=False) computes it: frame i gives 0.25 x[i-1] + 0.75 x[i], then 0.75 x[i] +
     0.25 x[i+1], with x[-1] = `before` and x[n] = `after`. Written into the output in place: no
-    window around x and no interpolated copy of it (at 720p, 1.3 GiB of a decode step's peak)."""
+    window around x and no interpolated copy of it (what that saves: benchmarks/README.md)."""
     b, c, n, h, w = x.shape
     k = head.shape[2]
     out = x.new_empty(b, c, k + 2 * n, h, w)

@@ -128,17 +128,6 @@ class Mid(nn.Module):
         return self.block_2(h, cache)
 
 
-class Out(nn.Module):
-    """norm, SiLU, conv: the last stage of the encoder and of the decoder."""
-
-    def __init__(self, norm: nn.Module, conv: nn.Module):
-        super().__init__()
-        self.norm, self.conv = norm, conv
-
-    def forward(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        return self.conv(self.norm(h, silu=True), cache)
-
-
 def widest(*parts: nn.Module) -> int:
     """Channels of the widest activation a stage makes, per pixel of its input (x4 where it upsamples)."""
     modules = [m for part in parts for m in part.modules()]
