@@ -218,7 +218,10 @@ class _Encoding:
     select: Selection
     writer: LatentWriter | None = None
     times: list = field(default_factory=list)  # the frames' times, filled as they are read
-    read: list = field(default_factory=lambda: [0])  # frames read so far (the reader's counter)
+    # set in the model's thread, read in the writer's only after that thread has ended (each chunk
+    # carries a copy of them): frames read, and the input's own failure
+    read: int = 0
+    failure: Exception | None = None
     counted: int = 0  # frames reported to progress: those the model has turned into latents
     latents: int = 0  # latent frames written
     outcome: Result | Exception | None = None
@@ -255,15 +258,20 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
     def guarded(run: _Encoding, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         try:
             for frame in frames:
-                run.read[0] += 1
+                run.read += 1
                 yield frame
         except Exception as e:  # this input's failure: end its stream, keep the batch going
-            run.outcome = e
+            run.failure = e
 
-    def advance(run: _Encoding, latents: int) -> None:
+    def tagged(chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]]) -> Iterator[tuple]:
+        """Each chunk with what its input's reading stood at when the model made it."""
+        for i, mean, logvar in chunks:
+            yield i, mean, logvar, live[i].read, live[i].failure
+
+    def advance(run: _Encoding, latents: int, read: int) -> None:
         """Report the frames these latents stand for (1, then 4 per latent), at most those read."""
         run.latents += latents
-        done = min(1 + ft * (run.latents - 1), run.read[0])
+        done = min(1 + ft * (run.latents - 1), read)
         if progress and done > run.counted:
             progress(done - run.counted)
         run.counted = max(run.counted, done)
@@ -290,18 +298,18 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
                                                                      prefetch))) for run in live]
         streams = [guarded(run, reader) for run, reader in zip(live, readers)]
         image = all(run.source.info.is_image for run in live)
-        chunks = encode_batch(model, streams, _options(options, width, height, image), [run.read for run in live])
-        with contextlib.closing(background(chunks, prefetch)) as chunks:
-            for i, mean, logvar in chunks:
+        chunks = encode_batch(model, streams, _options(options, width, height, image))
+        with contextlib.closing(background(tagged(chunks), prefetch)) as chunks:
+            for i, mean, logvar, read, failure in chunks:
                 run = live[i]
-                if run.outcome is None:
+                if failure is None:
                     latent = mean if seed is None else DiagonalGaussian(mean[None].float(), logvar[None].float()) \
                         .sample(seed=seed, first_frame=run.latents)[0]
                     run.writer.append(latent, logvar if save_logvar else None)
-                    advance(run, mean.shape[1])
-        for run in live:
+                    advance(run, mean.shape[1], read)
+        for run in live:  # the model's thread has ended: `read` and `failure` are final
             if run.outcome is None:
-                run.outcome = _finish(run, model)
+                run.outcome = run.failure or _finish(run, model)
     return [run.outcome for run in runs]
 
 
@@ -315,7 +323,7 @@ def _aborting(writer: LatentWriter) -> Iterator[LatentWriter]:
 
 
 def _finish(run: _Encoding, model: CausalVAE) -> Result | CvaeError:
-    n = run.read[0]
+    n = run.read
     try:
         if n == 0:
             raise CvaeError(f"{run.source.path}: no frames selected")
@@ -515,26 +523,12 @@ class Cut:
         except ValueError as e:
             raise CvaeError(str(e)) from None
 
-    @classmethod
-    def parse(cls, mode: str = "auto", chunk: str = "auto", tile: str = "auto",
-              memory_budget: int | None = None) -> Cut:
-        """From the command line's words: --chunk auto or N, --tile auto, off or N."""
-        return cls(mode, None if chunk == "auto" else _whole(chunk, "--chunk"),
-                   tile if tile == "auto" else None if tile == "off" else _whole(tile, "--tile"), memory_budget)
-
     def options(self, config: CausalVAEConfig, width: int, height: int, image: bool = False) -> StreamOptions:
         budget = {} if self.memory_budget is None else {"memory_budget": self.memory_budget}
         try:
             return choose_options(config, width, height, self.mode, self.chunk, self.tile, image, **budget)
         except ValueError as e:
             raise CvaeError(str(e)) from None
-
-
-def _whole(text: str, option: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise CvaeError(f"{option} {text}: expected a whole number") from None
 
 
 def _selection(select: Selection | None, fields: dict) -> Selection:

@@ -16,10 +16,11 @@ from .files import read_state_dict
 from .hub import DEFAULT_SD_VAE, fetch_sd_vae
 from .identity import model_id, provenance, set_provenance
 from .layouts import check_shapes, compvis_to_diffusers, sd_vae_config, sd_vae_to_compvis
-from .locations import BUILTIN_WEIGHTS, INFLATED_WEIGHTS, builtin_weights, data_dir, default_weights
+from .locations import (BUILTIN_WEIGHTS, INFLATED_WEIGHTS, builtin_weights, data_dir, default_weights,
+                        inflated_weights)
 from .models import config_from_json, load_model, save_model, save_sd_vae, weights_info
 
 __all__ = ["BUILTIN_WEIGHTS", "DEFAULT_SD_VAE", "INFLATED_WEIGHTS", "builtin_weights", "check_shapes",
-           "compvis_to_diffusers", "config_from_json", "data_dir", "default_weights", "fetch_sd_vae",
+           "compvis_to_diffusers", "config_from_json", "data_dir", "default_weights", "fetch_sd_vae", "inflated_weights",
            "load_model", "model_id", "provenance", "read_state_dict", "save_model", "save_sd_vae", "sd_vae_config",
            "sd_vae_to_compvis", "set_provenance", "weights_info"]

@@ -21,6 +21,13 @@ def data_dir() -> Path:
     return Path(base).expanduser() / "cvae"
 
 
+def inflated_weights(init: str = "tail", arch: str = "v1.0.0", norm: str = "frame") -> Path:
+    """Where `cvae inflate` writes when not told: the default weights for its defaults, and for any
+    other choice a name that says how they were made."""
+    default = (init, arch, norm) == ("tail", "v1.0.0", "frame")
+    return data_dir() / (INFLATED_WEIGHTS if default else f"cvae-{init}-{arch}-{norm}.safetensors")
+
+
 def builtin_weights() -> Path | None:
     """The small model that ships with cvae (trained on a CPU from real package data), if installed."""
     try:
@@ -33,7 +40,7 @@ def builtin_weights() -> Path | None:
 def default_weights() -> tuple[Path, bool]:
     """(weights, whether they are the built-in small model): the SD VAE inflated by `cvae inflate`
     when there is one, else the built-in model."""
-    inflated = data_dir() / INFLATED_WEIGHTS
+    inflated = inflated_weights()
     if inflated.is_file():
         return inflated, False
     builtin = builtin_weights()

@@ -40,15 +40,12 @@ def inflate(
         cvae inflate --from ./vae-ft-mse-840000-ema-pruned.ckpt --init center -o weights/center.safetensors
     ```
     """
-    from ..checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, save_model, set_provenance
+    from ..checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, inflated_weights, save_model, set_provenance
     from ..inflate import check_choices, inflate as inflate_sd
 
     out = Output(quiet)
     check_choices(init, arch, norm)
-    from ..checkpoints import INFLATED_WEIGHTS, data_dir
-
-    output = output or data_dir() / (INFLATED_WEIGHTS if init == "tail" and arch == "v1.0.0" and norm == "frame"
-                                     else f"cvae-{init}-{arch}-{norm}.safetensors")
+    output = output or inflated_weights(init, arch, norm)
     check_suffix(output, [".safetensors"], "weights")
     if output.exists() and not overwrite:
         raise CvaeError(f"{output} exists: pass --overwrite to replace it (latents made with it will then "

@@ -136,9 +136,11 @@ class ModelOptions:
         self.cut()
 
     def cut(self) -> Cut:
+        """--chunk auto or N, --tile auto, off or N."""
         from ..tokenizer import Cut
 
-        return Cut.parse(self.mode, self.chunk, self.tile)
+        return Cut(self.mode, None if self.chunk == "auto" else _int(self.chunk, "--chunk"),
+                   self.tile if self.tile == "auto" else None if self.tile == "off" else _int(self.tile, "--tile"))
 
     def load(self, out: Output, local_rank: int | None = None, norm: str | None = None) -> Tokenizer:
         """The Tokenizer, with what loading chose or warns of said; `norm` when --norm is not given."""
