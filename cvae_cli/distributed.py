@@ -76,11 +76,10 @@ class Dist:
         return cls(rank, world, local_rank)
 
     def device(self, device: str) -> str:
-        """`auto`/`cuda` -> `cuda:LOCAL_RANK` under torchrun; an explicit `cuda:N` or `cpu` stays."""
+        """`auto`/`cuda` -> `cuda:LOCAL_RANK` under torchrun; an explicit `cuda:N` or `cpu` stays
+        (`device.resolve`, the one place "auto" is decided; CvaeError for a GPU that is not there)."""
         from .device import resolve
 
-        if device not in ("auto", "cuda"):
-            return device
         return str(resolve(device, local_rank=self.local_rank)[0])
 
     def start(self, device: str) -> None:
@@ -91,7 +90,9 @@ class Dist:
         import torch
         import torch.distributed as td
 
-        cuda = str(device).startswith("cuda")
+        from .device import is_cuda
+
+        cuda = is_cuda(device)
         if cuda:
             torch.cuda.set_device(torch.device(device))
         backend = os.environ.get("CVAE_DIST_BACKEND") or ("nccl" if cuda else "gloo")

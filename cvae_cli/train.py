@@ -395,9 +395,7 @@ class Trainer:
 
     def run(self) -> Path:
         opts, dist = self.opts, self.dist
-        device = torch.device(dist.device(opts.device))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CvaeError(f"--device {opts.device}: no CUDA GPU is visible to this torch build")
+        device = torch.device(dist.device(opts.device))  # CvaeError for a GPU that is not there
         autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
         step = self.checkpoint["step"] if self.checkpoint else 0
         if step == opts.steps and (self.out / FINAL).exists():
