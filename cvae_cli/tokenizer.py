@@ -303,14 +303,27 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
             for i, mean, logvar, read, failure in chunks:
                 run = live[i]
                 if failure is None:
-                    latent = mean if seed is None else DiagonalGaussian(mean[None].float(), logvar[None].float()) \
-                        .sample(seed=seed, first_frame=run.latents)[0]
+                    latent = _stored(mean, logvar, seed, run.latents)
                     run.writer.append(latent, logvar if save_logvar else None)
                     advance(run, mean.shape[1], read)
         for run in live:  # the model's thread has ended: `read` and `failure` are final
             if run.outcome is None:
                 run.outcome = run.failure or _finish(run, model)
     return [run.outcome for run in runs]
+
+
+def _stored(mean: torch.Tensor, logvar: torch.Tensor, seed: int | None, first_frame: int) -> torch.Tensor:
+    """What a latent file keeps of a chunk of the posterior: its mean, or with `seed` a sample whose
+    noise depends on the seed and the latent frame only (`DiagonalGaussian.sample`)."""
+    if seed is None:
+        return mean
+    return DiagonalGaussian(mean[None].float(), logvar[None].float()).sample(seed=seed, first_frame=first_frame)[0]
+
+
+def _latent_chunks(latents: torch.Tensor | LatentFile, options: StreamOptions, model: CausalVAE) -> Iterable:
+    """A latent in chunks of as many latent frames as `options.chunk` pixel frames make."""
+    step = max(1, options.chunk // model.config.time_compression)
+    return latents.iter_chunks(step) if isinstance(latents, LatentFile) else latents.split(step, dim=1)
 
 
 @contextlib.contextmanager
@@ -456,8 +469,7 @@ def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Op
     check_output_kind(dst, image=meta.fps is None)
     remove_stale(dst)
     opts = _options(options, meta.width, meta.height, image=meta.fps is None)
-    step = max(1, opts.chunk // model.config.time_compression)
-    chunks = decode_latents(model, latent.iter_chunks(step), opts, meta.height, meta.width)
+    chunks = decode_latents(model, _latent_chunks(latent, opts, model), opts, meta.height, meta.width)
     frames = _write_frames(dst, background(chunks, prefetch), meta.fps, meta.frames, crf, progress,
                            times=meta.frame_times)
     return Result(dst, frames)
@@ -663,8 +675,7 @@ class Tokenizer:
         options = self.options(first.shape[1], first.shape[0], image=not rest)
         chunks, done = [], 0
         for mean, logvar in encode_frames(self.model, itertools.chain([first], rest, it), options):
-            latent = mean if seed is None else DiagonalGaussian(mean[None].float(), logvar[None].float()) \
-                .sample(seed=seed, first_frame=done)[0]
+            latent = _stored(mean, logvar, seed, done)
             chunks.append(latent.float().cpu())
             done += mean.shape[1]
         return torch.cat(chunks, dim=1)
@@ -677,8 +688,7 @@ class Tokenizer:
         ft, fs = self.model.config.time_compression, self.model.config.space_compression
         height, width = height or h * fs, width or w * fs
         options = self.options(width, height, image=t == 1)
-        step = max(1, options.chunk // ft)
-        chunks = decode_latents(self.model, latent.split(step, dim=1), options, height, width)
+        chunks = decode_latents(self.model, _latent_chunks(latent, options, self.model), options, height, width)
         out = np.concatenate(list(chunks))
         return out[: frames or 1 + ft * (t - 1)]
 
