@@ -22,10 +22,11 @@ if TYPE_CHECKING:
 @command
 @grouped
 def decode(
+    *,
     inputs: Inputs,
     output: OutFile = None,
     out_dir: OutDir = None,
-    model: ModelOptions = ModelOptions(),
+    model: ModelOptions,
     crf: Crf = 18,
     force: Annotated[bool, typer.Option("--force", help="Decode latents made by other weights of the same "
                                                         "architecture anyway.")] = False,
@@ -89,11 +90,12 @@ def open_latents(out: Output, paths: list[Path]) -> tuple[dict[Path, LatentFile]
 @command
 @grouped
 def reconstruct(
+    *,
     inputs: Inputs,
     output: OutFile = None,
     out_dir: OutDir = None,
-    model: ModelOptions = ModelOptions(),
-    where: SelectOptions = SelectOptions(),
+    model: ModelOptions,
+    where: SelectOptions,
     crf: Crf = 18,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input and reconstruction side by side.")] = False,
     metrics_json: Annotated[Optional[Path], typer.Option("--metrics-json", help="Save per-frame PSNR/SSIM here.")] = None,

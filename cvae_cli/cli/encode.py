@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 @command
 @grouped
 def encode(
+    *,
     inputs: Annotated[Optional[List[str]], typer.Argument(help="Input files (globs allowed); none with --manifest.",
                                                           show_default=False)] = None,
     output: OutFile = None,
@@ -32,9 +33,9 @@ def encode(
                            "under --out-dir; complete ones are skipped (resumable); failures go to "
                            "failures.jsonl, totals to summary.json. Under torchrun, ranks share the clips.")] = None,
     dry_run: DryRun = False,
-    model: ModelOptions = ModelOptions(),
+    model: ModelOptions,
     batch_size: BatchSize = 1,
-    where: SelectOptions = SelectOptions(),
+    where: SelectOptions,
     sample: Annotated[bool, typer.Option("--sample", help="Store a posterior sample instead of its mean "
                                                           "(the same for any --chunk).")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (default 0).",

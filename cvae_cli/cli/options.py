@@ -94,7 +94,8 @@ def selection(frames: str | None, fps: float | None, size: str | None, max_side:
 def grouped(fn):
     """Let a command take an option group (a dataclass whose fields are option types) as one
     parameter: Typer sees the group's fields as the command's options, in its place; the command
-    gets the group, built from them. A group is thus declared once for every command that takes it."""
+    gets the group, built from them. A group is thus declared once for every command that takes it.
+    (Groups are keyword-only parameters without a default, so that nothing is built at import.)"""
     signature = inspect.signature(fn, eval_str=True)
     params, groups = [], {}
     for p in signature.parameters.values():
