@@ -242,7 +242,7 @@ def encode_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, option
 
 def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, Path, Selection]], options: Options,
                  *, seed: int | None = None, save_logvar: bool = False, progress: Progress | None = None,
-                 prefetch: int = PREFETCH) -> list[Result | Exception]:
+                 prefetch: int = PREFETCH, identity: str | None = None) -> list[Result | Exception]:
     """Encode several (input, output, selection) jobs of one model size together: their chunks are
     stacked along the batch, so one model call serves them all (what keeps a GPU busy on images and
     short clips). Each output is what `encode_file` would write for it alone, up to the rounding of
@@ -250,9 +250,10 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
     images alone). Inputs may come opened (`media.MediaFile`) or as paths; all are closed here.
 
     An input that fails (unreadable, truncated, an unwritable output) ends its own stream and comes
-    back as its exception, with nothing written; the others go on. A model failure raises."""
+    back as its exception, with nothing written; the others go on. A model failure raises.
+    `identity`: the weights' `model_id`, when the caller has it (it is computed from the tensors)."""
     ft = model.config.time_compression
-    identity = model_id(model)  # once per call: a model not loaded from a file is hashed each time
+    identity = identity or model_id(model)
     runs: list[_Encoding] = []
 
     def guarded(run: _Encoding, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -385,6 +386,7 @@ def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], 
     opening each input once; yield (job index, outcome) as outcomes come. A failure of one input
     (`per_input`) is its outcome and the others go on; any other failure raises."""
     failed: list[tuple[int, Exception]] = []
+    identity = model_id(model)  # once for the run: the weights do not change during it
 
     def opened() -> Iterator[tuple[int, media.MediaFile]]:
         for k, (src, _, _) in enumerate(jobs):
@@ -407,7 +409,7 @@ def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], 
         with progress(name, None if None in expected else sum(expected)) if progress else \
                 contextlib.nullcontext(None) as advance:
             outcomes = attempt(lambda: encode_files(model, batch, options, seed=seed, save_logvar=save_logvar,
-                                                    progress=advance), len(batch))
+                                                    progress=advance, identity=identity), len(batch))
         yield from ((k, outcome) for (k, _), outcome in zip(group, outcomes))
     yield from failed
 
