@@ -87,11 +87,12 @@ def test_probe_video(clips):
     info = probe(clips.a_mp4)
     with av.open(str(clips.a_mp4)) as c:  # the muxer picks the time base: ask the file, not one FFmpeg build
         time_base = Fraction(c.streams.video[0].time_base)
-    assert info == MediaInfo(str(clips.a_mp4), 64, 48, Fraction(24), 33, False, 0, time_base, "h264")
+    assert info == MediaInfo(str(clips.a_mp4), 64, 48, Fraction(24), 33, False, 0, time_base, "h264", "container", 33)
     info = probe(clips.b_mp4)
     assert (info.width, info.height, info.fps, info.frame_count) == (94, 70, Fraction(30000, 1001), 33)
     assert isinstance(info.fps, Fraction) and not info.is_image
-    assert probe(clips.b_mkv).frame_count is None  # matroska does not announce a count
+    info = probe(clips.b_mkv)  # matroska does not announce a count: it is counted
+    assert (info.frame_count, info.frames_from, info.claimed_frames) == (33, "packets", None)
 
 
 def test_read_lossless_round_trip(clips):
