@@ -98,6 +98,7 @@ class MediaFile:
         with self._stack:
             self._container, self._stream = self._stack.enter_context(_open_video(self.path))
             self._decoder = _Decoder(self.path, self._container, self._stream)
+            self._stack.callback(self._release)  # runs before the container closes
             first = next(self._decoder.frames)
             self._decoded = itertools.chain([first], self._decoder.frames)
             self._crop = _crop_size(self._container, first)
@@ -164,6 +165,14 @@ class MediaFile:
 
     def close(self) -> None:
         self._stack.close()
+
+    def _release(self) -> None:
+        """Free the decoder now. Its generator and the decoder refer to each other, so otherwise only
+        the garbage collector frees them, in whichever process it runs: in a DataLoader worker
+        forked later, freeing the codec context waits forever for decoder threads that stayed behind."""
+        self._decoded = None
+        self._decoder.frames.close()
+        self._decoder = self._container = self._stream = None
 
     def __enter__(self) -> "MediaFile":
         return self
