@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 from collections import Counter
@@ -20,7 +21,7 @@ from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile, LatentMeta
 from cvae_cli.model import CausalVAEConfig
 
-from conftest import random_model, tiny_config
+from conftest import cvae_process, random_model, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = json.dumps(tiny_config().to_dict()) if hasattr(CausalVAEConfig, "to_dict") else json.dumps({"embed_dim": 4})
@@ -308,3 +309,38 @@ def test_readme_snippets_run(five, tmp_path, monkeypatch, one_thread):
     scope = {}
     exec(compile(theirs, "README: webdataset", "exec"), scope)
     assert scope["sample"]["latent"].shape == (4, 2, 4, 6)
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from cvae_cli import LatentDataset
+
+dist.init_process_group("gloo")
+os.environ["RANK"] = "0"  # torch.distributed, once initialised, decides: not the environment
+data = LatentDataset(sys.argv[1], shuffle=4, seed=3)
+data.set_epoch(1)
+keys = [item["key"] for item in DataLoader(data, batch_size=None, num_workers=2)]
+with open(f"{sys.argv[2]}.{dist.get_rank()}", "w") as f:
+    json.dump(keys, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(os.environ.get("CVAE_SLOW_TESTS") != "1", reason="starts torchrun and two ranks: ~15 s on "
+                    "2 busy CPU cores; set CVAE_SLOW_TESTS=1 (the ranks simulated by RANK/WORLD_SIZE run always)")
+def test_torchrun_ranks_each_sample_once(two, tmp_path):
+    """Two ranks under torchrun (gloo), two workers each, fewer shards than readers: by sample."""
+    import subprocess
+
+    root, values = two
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    command, env = cvae_process(torchrun=2)
+    command = command[: command.index("-m", 2)] + [str(script), str(root), str(tmp_path / "keys")]
+    run = subprocess.run(command, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    shares = [json.loads((tmp_path / f"keys.{r}").read_text()) for r in range(2)]
+    assert all(shares) and not set(shares[0]) & set(shares[1])
+    check_once(shares[0] + shares[1], values)
