@@ -344,3 +344,17 @@ def test_torchrun_ranks_each_sample_once(two, tmp_path):
     shares = [json.loads((tmp_path / f"keys.{r}").read_text()) for r in range(2)]
     assert all(shares) and not set(shares[0]) & set(shares[1])
     check_once(shares[0] + shares[1], values)
+
+
+def test_the_loader_needs_no_model_and_no_command_line():
+    import ast
+
+    import cvae_cli.loader
+
+    tree = ast.parse(Path(cvae_cli.loader.__file__).read_text())
+    local = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+    outside = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    outside |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+    assert local == {"errors", "latents"}
+    assert outside <= {"__future__", "dataclasses", "glob", "json", "os", "pathlib", "random", "tarfile", "torch",
+                       "typing"}
