@@ -291,10 +291,13 @@ def test_webdataset_reads_the_same_shards(five):
 # ---------------------------------------------------------------- the README's snippet
 
 def readme_blocks() -> list[str]:
-    text = next(p for p in (REPO / "README.loader.md", REPO / "README.md")
-                if p.is_file() and "Reading latents back" in p.read_text()).read_text()
-    section = text[text.index("Reading latents back"):]
-    return re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    """The README's loader snippet and its webdataset snippet (README.loader.md until it is placed)."""
+    blocks = [b for p in (REPO / "README.md", REPO / "README.loader.md") if p.is_file()
+              for b in re.findall(r"```python\n(.*?)```", p.read_text(), re.S)]
+    ours = [b for b in blocks if "LatentDataset(" in b]
+    theirs = [b for b in blocks if "wds.WebDataset(" in b]
+    assert len(ours) == 1 and len(theirs) == 1, "the README shows LatentDataset and webdataset once each"
+    return [ours[0], theirs[0]]
 
 
 def test_readme_snippets_run(five, tmp_path, monkeypatch, one_thread):
