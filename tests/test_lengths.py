@@ -17,8 +17,7 @@ import pytest
 
 from cvae_cli import dataset, media, trainset
 from cvae_cli.media import MediaInfo
-from cvae_cli.pipeline import Selection, encode_many
-from cvae_cli.stream import StreamOptions
+from cvae_cli import Selection, StreamOptions, encode_many  # wherever the engine keeps them
 
 from conftest import random_model
 

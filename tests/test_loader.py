@@ -200,8 +200,7 @@ def test_bad_shuffle_is_refused(five):
 def test_per_file_folder_from_encode(tmp_path, one_thread):
     """What `cvae encode --out-dir` writes (here by the library, with a tiny model): one latent per
     clip, folders mirrored, plus its bookkeeping and a killed run's hidden temporary."""
-    from cvae_cli.pipeline import Selection, encode_many
-    from cvae_cli.stream import StreamOptions
+    from cvae_cli import Selection, StreamOptions, encode_many
 
     out = tmp_path / "latents"
     (out / "videos").mkdir(parents=True)
