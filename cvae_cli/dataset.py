@@ -23,7 +23,6 @@ rank). At the end rank 0 gathers all failures into `OUT/failures.jsonl` and the 
 """
 from __future__ import annotations
 
-import csv
 import datetime
 import heapq
 import json
@@ -39,142 +38,12 @@ from .atomic import atomic_path, remove_stale
 from .distributed import Dist
 from .errors import CvaeError, describe
 from .latents import LatentFile
+from .manifest import SUFFIX, Clip, mirror, read_manifest  # noqa: F401 (public names of this module)
 from .outputs import refuse_unsafe
 from .pipeline import Options, ProgressFactory, Selection, encode_many
 
-SUFFIX = ".safetensors"
 RUN_DIR = ".cvae"  # per-rank live failure logs, under out_dir
-_FIELDS = ("path", "start", "end", "fps", "size", "output")
 _DEFAULT_BYTES_PER_FRAME = 20_000  # only when no clip of the manifest says how long it is
-
-
-# --- manifests -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Clip:
-    """One manifest entry: a source file, the frames wanted, and its output path under out_dir."""
-
-    path: Path  # the source, resolved against the manifest's folder
-    output: PurePosixPath  # relative to out_dir
-    start: int | None = None
-    end: int | None = None
-    fps: float | None = None
-    size: tuple[int, int] | None = None  # (width, height)
-    line: int = 0  # in the manifest, for messages
-
-    def selection(self, base: Selection = Selection()) -> Selection:
-        """`base` (the command line's options) with this clip's own fields on top."""
-        given = {k: getattr(self, k) for k in ("start", "end", "fps", "size") if getattr(self, k) is not None}
-        return replace(base, **given)
-
-    def record(self) -> dict:
-        out = {"path": str(self.path), "output": str(self.output), "line": self.line}
-        out.update({k: getattr(self, k) for k in ("start", "end", "fps") if getattr(self, k) is not None})
-        if self.size:
-            out["size"] = f"{self.size[0]}x{self.size[1]}"
-        return out
-
-
-def read_manifest(path: str | os.PathLike) -> list[Clip]:
-    """Clips from a .txt (one path a line; blank lines and `#` comments skipped), a .csv (header
-    with a `path` column) or a .jsonl (an object a line with a `path` key). Optional per-clip
-    fields: `start`, `end` (frame indices, end exclusive), `fps`, `size` (WxH), `output` (a path
-    under out_dir). Exact duplicates are dropped; two clips writing one output are an error."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise CvaeError(f"cannot read manifest {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise CvaeError(f"manifest {path} is not UTF-8 text") from None
-    kind = path.suffix.lower()
-    if kind == ".csv":
-        rows = _csv_rows(path, text)
-    elif kind in (".jsonl", ".ndjson"):
-        rows = _jsonl_rows(path, text)
-    else:
-        rows = ((n, {"path": line.strip()}) for n, line in enumerate(text.splitlines(), 1)
-                if line.strip() and not line.lstrip().startswith("#"))
-    base = Path(os.path.abspath(path.parent))
-    clips, seen = [], {}
-    for n, row in rows:
-        clip = _clip(row, base, f"{path}:{n}", n)
-        other = seen.get(clip.output)
-        if other is not None:
-            if replace(other, line=0) == replace(clip, line=0):
-                continue
-            raise CvaeError(f"{path}: lines {other.line} and {n} both write {clip.output} "
-                            "(give them an `output` column)")
-        seen[clip.output] = clip
-        clips.append(clip)
-    if not clips:
-        raise CvaeError(f"manifest {path} lists no clips")
-    return clips
-
-
-def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
-        raise CvaeError(f"manifest {path}: the CSV header needs a `path` column (got {reader.fieldnames})")
-    for row in reader:
-        yield reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-
-
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise CvaeError(f"{path}:{n}: not JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise CvaeError(f"{path}:{n}: expected a JSON object with a `path` key")
-        yield n, row
-
-
-def _clip(row: dict, base: Path, where: str, line: int) -> Clip:
-    def get(key):
-        v = row.get(key)
-        return None if v is None or v == "" else v
-
-    src = get("path")
-    if not isinstance(src, str):
-        raise CvaeError(f"{where}: no `path`")
-    src_path = Path(os.path.normpath(base / os.path.expanduser(src)))
-    try:
-        start = None if get("start") is None else int(get("start"))
-        end = None if get("end") is None else int(get("end"))
-        fps = None if get("fps") is None else float(get("fps"))
-    except (TypeError, ValueError):
-        raise CvaeError(f"{where}: start and end must be whole numbers and fps a number") from None
-    if (start is not None and start < 0) or (end is not None and end <= (start or 0)) or (fps is not None and fps <= 0):
-        raise CvaeError(f"{where}: bad selection start={start} end={end} fps={fps}")
-    size = get("size")
-    if size is not None:
-        try:
-            w, h = (size if isinstance(size, (list, tuple)) else str(size).lower().split("x"))
-            size = (int(w), int(h))
-            if min(size) < 1:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise CvaeError(f"{where}: size {size!r}: expected WxH, e.g. 640x360") from None
-    output = get("output")
-    if output is not None:
-        out = PurePosixPath(str(output).replace(os.sep, "/"))
-        if out.is_absolute() or ".." in out.parts or not out.name:
-            raise CvaeError(f"{where}: output {output!r} must be a relative path inside --out-dir")
-    else:
-        out = PurePosixPath(mirror(src_path, base)).with_suffix(SUFFIX)
-    return Clip(src_path, out, start, end, fps, size, line)
-
-
-def mirror(src: Path, base: Path) -> str:
-    """`src` relative to `base`; a path outside `base` keeps its whole absolute path (anchor dropped)."""
-    rel = os.path.relpath(src, base) if os.path.splitdrive(str(src))[0] == os.path.splitdrive(str(base))[0] else ".."
-    if rel == ".." or rel.startswith(".." + os.sep):
-        rel = str(Path(*src.parts[1:]))
-    return rel.replace(os.sep, "/")
 
 
 # --- completeness ------------------------------------------------------------------------------
@@ -264,6 +133,12 @@ def make_plan(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), overwrite: 
     """Survey a strided share per rank, exchange the surveys, and split the pending clips.
     CvaeError when an output would be one of the manifest's inputs."""
     out_dir = Path(out_dir)
+    writers: dict = {}
+    for clip in clips:
+        other = writers.setdefault(clip.output, clip)
+        if other is not clip:
+            raise CvaeError(f"manifest lines {other.line} and {clip.line} both write {clip.output} "
+                            "(give them an `output` column)")
     refuse_unsafe([(clip.path, out_dir / Path(*clip.output.parts)) for clip in clips])
     survey = {}
     for i in range(dist.rank, len(clips), dist.world):
