@@ -137,12 +137,26 @@ class Selection:
     size: tuple[int, int] | None = None  # (width, height)
     max_side: int | None = None
     allow_partial: bool = False
+    bucket: tuple[int, int] | None = None  # (width, height): resized to cover it, centre-cropped
+
+    def box(self, info: media.MediaInfo) -> tuple[float, float, float, float] | None:
+        """The centred region of the input with the bucket's aspect ratio (None: the whole frame)."""
+        if self.bucket is None:
+            return None
+        (bw, bh), (w, h) = self.bucket, (info.width, info.height)
+        if w * bh > h * bw:  # wider than the bucket: crop the sides
+            keep = h * bw / bh
+            return ((w - keep) / 2, 0.0, (w + keep) / 2, float(h))
+        keep = w * bh / bw
+        return (0.0, (h - keep) / 2, float(w), (h + keep) / 2)
 
     def output_fps(self, info: media.MediaInfo):
         return Fraction(self.fps).limit_denominator(1001) if self.fps else info.fps
 
     def resize(self, info: media.MediaInfo) -> tuple[int, int] | None:
         """The (width, height) to resize to, or None to keep the input's."""
+        if self.bucket is not None:
+            return self.bucket
         if self.size is None and self.max_side:
             return media.fit_size(info.width, info.height, self.max_side)
         return self.size
@@ -166,7 +180,7 @@ class Selection:
         """The selected frames of an opened input (their times, seconds from the first, appended
         to `times` when given)."""
         return source.frames(start=self.start, end=self.end, fps=self.fps, size=self.resize(source.info),
-                             allow_partial=self.allow_partial, times=times)
+                             allow_partial=self.allow_partial, times=times, box=self.box(source.info))
 
     def variable_times(self, info: media.MediaInfo, times: list) -> tuple | None:
         """The frame times worth keeping: a video's own, when they are off the 1/fps grid by more
