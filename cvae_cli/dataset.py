@@ -452,6 +452,14 @@ class Sharding:
             raise CvaeError(f"--shard-size {self.size}: must be at least 1")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a dataset is laid out: how rows become samples, and shards (None: a file a sample)."""
+
+    cutting: Cutting = Cutting()
+    sharding: Sharding | None = None
+
+
 def settings(model_identity: str, cutting: Cutting, select: Selection, seed: int | None,
              save_logvar: bool) -> dict:
     """What shards record about how they were made (`shards.json`): a run with other settings is

@@ -189,7 +189,7 @@ def row_samples(row: Clip, index: int, info: media.MediaInfo | None, cutting: Cu
         return [], Left(row, index, f"{row.path}: {span} frames (after --fps) in [{select.start}, {hi}), "
                                     f"fewer than --clip-frames {n}")
     stem = row.output.with_suffix("")
-    return [Sample(row, index, k, stem.with_name(f"{stem.name}_{s:06d}").with_suffix(SUFFIX), s, s + n, bucket, n)
+    return [Sample(row, index, k, stem.with_name(f"{stem.name}_{s:06d}{SUFFIX}"), s, s + n, bucket, n)
             for k, s in enumerate(starts)], None
 
 
