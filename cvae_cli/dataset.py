@@ -46,7 +46,7 @@ from .latents import LatentFile
 from .manifest import SUFFIX, Clip, mirror, read_manifest  # noqa: F401 (public names of this module)
 from .outputs import refuse_unsafe
 from .pipeline import Options, ProgressFactory, Selection, encode_many
-from .samples import Cutting, Left, Sample, check_keys, row_samples
+from .samples import ClipReaders, Cutting, Left, Sample, check_keys, row_samples
 from .shards import FORMAT as SHARDS_FORMAT, write_index
 
 RUN_DIR = ".cvae"  # per-rank live failure logs, under out_dir
@@ -334,8 +334,9 @@ def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(
     left: list[dict] = []
     t0 = time.perf_counter()
     work = _work_dir(plan.out_dir, rank) if plan.shards else None
-    with _FailureLog(plan.out_dir, rank, note) as log, \
-            (ShardWriter(plan.out_dir, rank, shard_size) if plan.shards else contextlib.nullcontext()) as writer:
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(_FailureLog(plan.out_dir, rank, note))
+        writer = stack.enter_context(ShardWriter(plan.out_dir, rank, shard_size)) if plan.shards else None
         pending = []
         for i in plan.mine(rank):
             summary.clips += 1
@@ -365,7 +366,8 @@ def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(
         def destination(i: int) -> Path:
             return work / f"{plan.samples[i].key}{SUFFIX}" if plan.shards else plan.output(i)
 
-        jobs = [(plan.samples[i].row.path, destination(i), plan.samples[i].selection(select)) for i in pending]
+        readers = stack.enter_context(ClipReaders([plan.samples[i] for i in pending], select))
+        jobs = [(readers.opener(plan.samples[i]), destination(i), plan.samples[i].selection(select)) for i in pending]
         started = time.perf_counter()
         for k, outcome in encode_many(model, jobs, options, batch_size=batch_size, seed=seed,
                                       save_logvar=save_logvar, progress=progress):

@@ -358,11 +358,13 @@ def batched(items: Iterable, size: int, key: Callable | None = None, held: int =
     yield from waiting.values()
 
 
-def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], options: Options, *,
+def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path | Callable[[], media.MediaFile], Path, Selection]],
+                options: Options, *,
                 batch_size: int = 1, seed: int | None = None, save_logvar: bool = False,
                 progress: ProgressFactory | None = None) -> Iterator[tuple[int, Result | Exception]]:
     """Encode many (input, output, selection) jobs, `batch_size` of one model size at a time,
-    opening each input once; yield (job index, outcome) as outcomes come. A failure of one input
+    opening each input once (an input may be a function that opens it, e.g. `samples.ClipReaders`);
+    yield (job index, outcome) as outcomes come. A failure of one input
     (`per_input`) is its outcome and the others go on; any other failure raises."""
     failed: list[tuple[int, Exception]] = []
 
@@ -370,7 +372,7 @@ def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], 
         for k, (src, _, _) in enumerate(jobs):
             interrupt.check()  # between inputs
             try:
-                yield k, media.open_media(src)
+                yield k, src() if callable(src) else media.open_media(src)
             except CvaeError as e:  # fails before the model, alone
                 failed.append((k, e))
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import Sequence
@@ -204,3 +206,160 @@ def check_keys(samples: Sequence[Sample], keys: bool = True) -> None:
                     else f"make the same key {sample.key} ({other.output}, {sample.output})")
             raise CvaeError(f"manifest lines {other.row.line} and {sample.row.line} {what} "
                             "(give them an `output` column)")
+
+
+# --- one decode per video, shared by its clips ---------------------------------------------------
+
+class _SharedVideo:
+    """One decode of a video (resampled, resized and cropped as its clips ask) that serves its
+    clips' frames by index, keeping only the frames a clip still open or yet to come may want:
+    clips are asked for in order of their start, so frames before the latest start and before
+    every open clip's position are dropped. Clips read from several threads (a batch), hence the lock."""
+
+    def __init__(self, path, select: Selection, end: int):
+        self.file = media.open_media(path)
+        try:
+            self.info = self.file.info
+            self.times: list = []
+            self._frames = self.file.frames(start=0, end=end, fps=select.fps, size=select.resize(self.info),
+                                            allow_partial=select.allow_partial, times=self.times,
+                                            box=select.box(self.info))
+        except BaseException:
+            self.file.close()
+            raise
+        self.key = (select.fps, select.resize(self.info), select.box(self.info), select.allow_partial)
+        self._buffer: deque = deque()
+        self._base = 0  # the index of _buffer[0]
+        self._error: BaseException | None = None
+        self._ended = False
+        self._lock = threading.Lock()
+        self._positions: dict[int, int] = {}  # open clip -> the next index it wants
+        self._floor = 0  # the start of the latest clip opened
+
+    def open(self, view: int, start: int) -> None:
+        with self._lock:
+            self._positions[view] = start
+            self._floor = max(self._floor, start)
+
+    def close(self, view: int) -> None:
+        with self._lock:
+            self._positions.pop(view, None)
+            self._trim()
+
+    def get(self, view: int, i: int):
+        """Frame `i` and its time (seconds from the video's first frame), or None past the end;
+        the video's own error (corrupt, truncated) where frame `i` would have been."""
+        with self._lock:
+            if i < self._base:
+                raise RuntimeError(f"frame {i} of {self.file.path} was dropped: clips asked out of order")
+            while self._base + len(self._buffer) <= i and not self._ended:
+                try:
+                    self._buffer.append(next(self._frames))
+                except StopIteration:
+                    self._ended = True
+                except Exception as e:  # the file's own failure: for every clip that reads this far
+                    self._error, self._ended = e, True
+            if i >= self._base + len(self._buffer):
+                if self._error is not None:
+                    raise self._error
+                return None
+            frame = self._buffer[i - self._base]
+            self._positions[view] = i + 1
+            self._trim()
+            return frame, self.times[i]
+
+    def _trim(self) -> None:
+        keep = min([*self._positions.values(), self._floor])
+        while self._base < keep and self._buffer:
+            self._buffer.popleft()
+            self._base += 1
+
+    def shutdown(self) -> None:
+        close = getattr(self._frames, "close", None)
+        if close is not None:
+            close()
+        self.file.close()
+
+
+class _ClipView(media.MediaFile):
+    """One clip of a shared decode, as an opened input (`pipeline.encode_files` reads it like a file)."""
+
+    def __init__(self, shared: _SharedVideo, view: int, start: int, end: int, on_close):
+        self.path, self.info = shared.file.path, shared.info
+        self._shared, self._view, self._start, self._end, self._on_close = shared, view, start, end, on_close
+        self._closed = False
+        shared.open(view, start)
+
+    def frames(self, *, start: int = 0, end: int | None = None, fps=None, size=None, allow_partial: bool = False,
+               times: list | None = None, box=None):
+        if (start, end) != (self._start, self._end):
+            raise ValueError(f"clip view [{self._start}, {self._end}) asked for [{start}, {end})")
+        if (fps, size, box, allow_partial) != self._shared.key:
+            raise ValueError("clip view asked for another rate, size or crop than its video is decoded at")
+        return self._frames(times)
+
+    def _frames(self, times: list | None):
+        with self:
+            origin = None
+            for i in range(self._start, self._end):
+                got = self._shared.get(self._view, i)
+                if got is None:
+                    return
+                frame, t = got
+                if times is not None:
+                    origin = t if origin is None else origin
+                    times.append(t - origin)
+                yield frame
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._shared.close(self._view)
+            self._on_close()
+
+
+class ClipReaders:
+    """Openers for the clips of this rank's samples (`pipeline.encode_many` inputs) such that each
+    video is decoded once for all its clips, instead of once per clip from its start (which costs
+    length x clips). Give the samples in the order they will be opened; a video's decode ends
+    when its last clip closes. Each clip gets exactly the frames `--frames s:s+N` would read."""
+
+    def __init__(self, samples: Sequence[Sample], base: Selection = Selection()):
+        self._base = base
+        self._left: Counter = Counter(s.index for s in samples if s.start is not None)
+        self._ends: dict[int, int] = {}
+        for s in samples:
+            if s.start is not None:
+                self._ends[s.index] = max(self._ends.get(s.index, 0), s.end)
+        self._open: dict[int, _SharedVideo] = {}
+        self._views = 0
+
+    def opener(self, sample: Sample):
+        """What to hand `encode_many` for `sample`: its path, or (a clip) a function opening its view."""
+        if sample.start is None:
+            return sample.row.path
+        return lambda: self._view(sample)
+
+    def _view(self, sample: Sample) -> media.MediaFile:
+        select = sample.selection(self._base)
+        shared = self._open.get(sample.index)
+        if shared is None:
+            shared = self._open[sample.index] = _SharedVideo(sample.row.path, select, self._ends[sample.index])
+        self._views += 1
+        return _ClipView(shared, self._views, sample.start, sample.end, lambda: self._done(sample.index))
+
+    def _done(self, index: int) -> None:
+        self._left[index] -= 1
+        if self._left[index] <= 0 and index in self._open:
+            self._open.pop(index).shutdown()
+
+    def close(self) -> None:
+        for shared in self._open.values():
+            shared.shutdown()
+        self._open.clear()
+
+    def __enter__(self) -> ClipReaders:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -59,8 +59,9 @@ def journal_path(out_dir: Path, rank: int) -> Path:
 
 def read_shard(path: Path) -> list[tuple[str, dict]]:
     """(key, KEY.json) of each sample of a shard, in order. CvaeError unless the file is a whole
-    shard: every member's data inside the file, the tar's end-of-archive blocks present, and each
-    key with exactly its two members (a file cut short on disk fails one of these)."""
+    shard: every member's data inside the file, the tar's end-of-archive blocks present and the
+    file exactly as long as `tarfile` pads it (whole 10 KiB records), and each key with exactly its
+    two members. A file cut short on disk, at any byte, fails one of these."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -70,10 +71,11 @@ def read_shard(path: Path) -> list[tuple[str, dict]]:
                 if not m.isfile() or m.offset_data + m.size > size:
                     raise CvaeError(f"{path}: member {m.name} runs past the end of the file")
                 members.append(m)
-            end = tar.offset
+            end = tar.offset  # where the end-of-archive blocks start
             tar.fileobj.seek(end)
-            if size < end + 2 * tarfile.BLOCKSIZE or tar.fileobj.read(2 * tarfile.BLOCKSIZE).strip(b"\0"):
-                raise CvaeError(f"{path}: no end-of-archive marker (cut short)")
+            records = -(-(end + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE)
+            if size != records * tarfile.RECORDSIZE or tar.fileobj.read(2 * tarfile.BLOCKSIZE).strip(b"\0"):
+                raise CvaeError(f"{path}: no end-of-archive marker, or not the whole last record (cut short)")
             pairs: dict[str, dict] = {}
             for m in members:
                 key, dot, ext = m.name.partition(".")
