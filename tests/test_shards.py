@@ -233,3 +233,21 @@ def test_two_ranks_under_torchrun_equal_one_process_sample_for_sample(data, weig
         assert row["key"] in [k for k, _ in shards.read_shard(tmp_path / "two" / row["shard"])]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["done"], summary["too_short"], summary["world_size"]) == (5, 1, 2)
+
+
+def test_sigterm_finishes_the_shard_in_progress_with_its_whole_samples(data, weights, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "reading"
+    command = args(data, out, weights, "--shards", "--shard-size", 2, "--max-side", 32)
+    cmd, env = cvae_process(*command, inject=f"hang:0:38:{marker}")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, "the run to reach its fourth clip")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert [k for k, _, _ in samples(out)] == KEYS[:3]  # clip 24 alone in the second shard, finished
+    assert [p.name for p in shards.shard_files(out)] == ["shard-00000-000000.tar", "shard-00000-000001.tar"]
+    assert not list(out.glob(".shard-*"))
+    cmd, env = cvae_process(*command)
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "2 done, 3 skipped" in r.stderr, r.stderr
+    assert sorted(k for k, _, _ in samples(out)) == sorted(KEYS)
