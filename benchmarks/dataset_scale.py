@@ -61,8 +61,8 @@ def make_data(root: Path, samples: int) -> tuple[Path, dict]:
 
 
 def cvae(args: list, kill_when=None) -> dict:
-    """Run `cvae ARGS` as a process: wall time, peak RSS (MiB), exit status; SIGKILL it as soon as
-    `kill_when()` is true."""
+    """Run `cvae ARGS` as a process: wall time, CPU time (user + system: what a shared machine's
+    load changes least), peak RSS (MiB), exit status; SIGKILL it as soon as `kill_when()` is true."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CVAE_DEBUG": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "cvae_cli", *map(str, args)], cwd=REPO, env=env,
@@ -78,7 +78,8 @@ def cvae(args: list, kill_when=None) -> dict:
     seconds = time.perf_counter() - t0
     if proc.returncode not in (0, -9):
         raise SystemExit(f"cvae {' '.join(map(str, args))} failed:\n{err[-2000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "status": proc.returncode}
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "status": proc.returncode}
 
 
 def files_under(folder: Path) -> int:
@@ -96,13 +97,14 @@ def frames_alone(manifest: Path) -> dict:
     plan = dataset.make_plan(clips, Path(tempfile.mkdtemp()), cutting=cutting)
     planned = time.perf_counter() - t0
     frames = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with ClipReaders(plan.samples) as readers:
         for sample in plan.samples:
             opener = readers.opener(sample)
             with (opener() if callable(opener) else media.open_media(opener)) as source:
                 frames += sum(1 for _ in sample.selection().frames(source))
-    return {"plan_seconds": round(planned, 2), "seconds": round(time.perf_counter() - t0, 2), "frames": frames,
+    return {"plan_seconds": round(planned, 2), "seconds": round(time.perf_counter() - t0, 2),
+            "cpu_seconds": round(time.process_time() - c0, 2), "frames": frames,
             "samples": len(plan.samples), "shapes": sorted({(s.bucket, s.start is None) for s in plan.samples})}
 
 
@@ -119,7 +121,7 @@ def model_alone(weights: Path, samples: int, batch: int) -> dict:
     videos = round(samples * 0.75 / 5) * 5
     rng = np.random.default_rng(0)
     options = StreamOptions(chunk=4)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for count, length in ((videos, CLIP), (samples - videos, 1)):
             for k in range(0, count, batch):
@@ -127,7 +129,7 @@ def model_alone(weights: Path, samples: int, batch: int) -> dict:
                 clips = [[rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(length)] for _ in range(n)]
                 for _ in encode_batch(model, [iter(c) for c in clips], options, [[0] for _ in range(n)]):
                     pass
-    return {"seconds": round(time.perf_counter() - t0, 2)}
+    return {"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2)}
 
 
 def main() -> None:
@@ -163,7 +165,8 @@ def main() -> None:
             run = cvae(common(manifest, out, *extra))
             summary = json.loads((out / "summary.json").read_text())
             assert summary["done"] == n, summary
-            run.update(samples_per_s=round(n / run["seconds"], 2), files_created=files_under(out))
+            run.update(samples_per_s=round(n / run["seconds"], 2), samples_per_cpu_s=round(n / run["cpu_seconds"], 2),
+                       files_created=files_under(out))
             report["runs"][f"{mode}_{n}"] = run
             print(mode, n, run, file=sys.stderr, flush=True)
         out = work / f"out-shards-{n}"

@@ -32,6 +32,7 @@ import datetime
 import heapq
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -491,6 +492,8 @@ def prepare(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), *, cutting: C
         if wipe:
             shards.clear(out_dir)
         shards.remove_temporaries(out_dir)
+        for work in (out_dir / RUN_DIR).glob("work.rank-*"):  # latents a killed run left, any world size's
+            shutil.rmtree(work, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         shards.write_settings(out_dir, made_with)
     dist.barrier("rank 0 to check the output folder")
