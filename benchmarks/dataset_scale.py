@@ -5,14 +5,14 @@ A manifest of short clips and photos made from real media (examples/cockatoo.mp4
 buckets, so that what is measured is reading, writing and bookkeeping, not the model. Every run is
 its own `python -m cvae_cli` process (peak RSS from wait4). Prints one JSON object.
 
-    python benchmarks/dataset_scale.py                       # 500 and 2,000 samples, a few minutes
-    python benchmarks/dataset_scale.py --sizes 200 --work /tmp/ds
+    python benchmarks/dataset_scale.py                       # 500 and 2,000 samples, a few minutes idle
+    python benchmarks/dataset_scale.py --sizes 2000 --kinds shards --skip-parts resume,alone --work /tmp/ds
 
 Measured:
 - samples/s and files created, --shards against per-file output, at each size (interleaved);
 - peak RSS at each size (it must not grow with the dataset);
-- a --shards run killed (SIGKILL) half-way and run again: the re-run's time, and the samples it
-  redoes, against the uninterrupted run;
+- a --shards run killed (SIGKILL) half-way (10 of 20 shards finished) and run again: the re-run's
+  time, and the samples it redoes, against the uninterrupted run;
 - where the time goes: planning (a dry run: every row probed), a re-run with nothing to do, the
   frames alone (decode + resize + crop, no model), the model alone (the same batches of random
   frames), and what is left (latent files, shards, bookkeeping).
@@ -137,10 +137,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="500,2000", help="dataset sizes in samples (comma-separated)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--resume-size", type=int, default=None, help="samples of the killed-and-resumed run "
+                                                                         "and the frames/model-alone parts "
+                                                                         "(default: the first of --sizes)")
+    parser.add_argument("--kinds", default="shards,files", help="outputs to time at each size: shards, files")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each output kind per size, interleaved")
     parser.add_argument("--skip-parts", default="", help="comma-separated: resume, alone")
     opts = parser.parse_args()
     sizes = [int(s) for s in opts.sizes.split(",")]
+    kinds = opts.kinds.split(",")
     skip = set(filter(None, opts.skip_parts.split(",")))
     work = opts.work or Path(tempfile.mkdtemp(prefix="cvae-dataset-scale-"))
     from conftest import random_model
@@ -159,7 +164,7 @@ def main() -> None:
         manifest, shape = make_data(work / "data", n)
         report[f"manifest_{n}"] = shape
         for mode, extra in [(f"{m}{'' if r == 0 else f'_again{r}'}", e) for r in range(opts.repeat)
-                            for m, e in (("shards", ["--shards"]), ("files", []))]:
+                            for m, e in (("shards", ["--shards"]), ("files", [])) if m in kinds]:
             out = work / f"out-{mode}-{n}"
             shutil.rmtree(out, ignore_errors=True)
             run = cvae(common(manifest, out, *extra))
@@ -175,12 +180,12 @@ def main() -> None:
         run = cvae(common(manifest, out, "--shards", "--dry-run"))
         report["runs"][f"shards_{n}_dry_run"] = run
 
-    n = sizes[-1]
+    n = opts.resume_size or sizes[0]
     manifest = work / "data" / f"m{n}.jsonl"
-    if "resume" not in skip:  # killed half-way (by finished shards of 100), then run again
+    if "resume" not in skip:  # killed half-way (by finished shards of n/20), then run again
         out = work / "out-resume"
         shutil.rmtree(out, ignore_errors=True)
-        shard = 100
+        shard = max(1, n // 20)
         half = max(1, n // shard // 2)
         killed = cvae(common(manifest, out, "--shards", "--shard-size", shard),
                       kill_when=lambda: len(list(out.glob("shard-*.tar"))) >= half)
