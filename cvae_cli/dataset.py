@@ -48,7 +48,7 @@ from .manifest import SUFFIX, Clip, mirror, read_manifest  # noqa: F401 (public 
 from .outputs import refuse_unsafe
 from .pipeline import Options, ProgressFactory, Selection, encode_many
 from .samples import ClipReaders, Cutting, Left, Sample, check_keys, row_samples
-from .shards import FORMAT as SHARDS_FORMAT, write_index
+from .shards import FORMAT as SHARDS_FORMAT
 
 RUN_DIR = ".cvae"  # per-rank live failure logs, under out_dir
 _DEFAULT_BYTES_PER_FRAME = 20_000  # only when no clip of the manifest says how long it is
@@ -251,13 +251,11 @@ class Summary:
 
 @dataclass
 class Outcome:
-    """What one rank's run made: its summary, failures, samples left out, and (shards) the index
-    rows of the shards it finished."""
+    """What one rank's run made: its summary, failures and samples left out."""
 
     summary: Summary
     failures: list[dict] = field(default_factory=list)
     left: list[dict] = field(default_factory=list)
-    index: list[dict] = field(default_factory=list)
 
 
 Note = Callable[[str], None]
@@ -303,11 +301,13 @@ class _FailureLog:
             self._file.close()
 
 
-def index_row(sample: Sample, meta: dict) -> dict:
-    """A sample's line in index.jsonl (shard and position are added where it is written)."""
-    return {"key": sample.key, "row": sample.index, "line": sample.row.line, "clip": sample.clip,
-            "start": meta["start"], "end": meta["end"], "frames": meta["end"] - meta["start"],
-            "latent_shape": meta["latent_shape"], "bucket": meta["bucket"]}
+def index_row(shard: str, position: int, key: str, meta: dict, sample: Sample | None) -> dict:
+    """A sample's line in index.jsonl; `sample` is None for one the manifest no longer lists."""
+    return {"key": key, "shard": shard, "position": position,
+            "row": None if sample is None else sample.index, "line": None if sample is None else sample.row.line,
+            "clip": None if sample is None else sample.clip, "start": meta.get("start"), "end": meta.get("end"),
+            "frames": (meta.get("end") or 0) - (meta.get("start") or 0), "latent_shape": meta.get("latent_shape"),
+            "bucket": meta.get("bucket")}
 
 
 def _work_dir(out_dir: Path, rank: int) -> Path:
@@ -386,7 +386,7 @@ def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(
             if writer is not None:
                 with LatentFile.open(dst) as latent:
                     meta = sample.meta(latent.meta, latent.shape, select)
-                writer.add(sample.key, dst, meta, index_row(sample, meta))
+                writer.add(sample.key, dst, meta)
                 dst.unlink()
                 where = f"{sample.row.path} -> {sample.key}"
             else:
@@ -401,15 +401,15 @@ def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(
     if work is not None:
         with contextlib.suppress(OSError):
             work.rmdir()
-    return Outcome(summary, failures, left, writer.finished if writer is not None else [])
+    return Outcome(summary, failures, left)
 
 
-def finish(dist: Dist, out_dir: Path, outcome: Outcome, plan: Plan | None = None,
-           previous: dict | None = None) -> Summary:
+def finish(dist: Dist, out_dir: Path, outcome: Outcome, plan: Plan | None = None) -> Summary:
     """Gather every rank's outcome; rank 0 writes failures.jsonl, skipped.jsonl, summary.json and,
-    with shards, index.jsonl (every sample of the dataset: `previous`, key -> (shard, position,
-    KEY.json), of the shards finished before, and this run's), all atomically, and removes the
-    per-rank logs. Returns the merged summary on every rank."""
+    with shards, index.jsonl (every sample of every finished shard, one shard at a time), all
+    atomically, and removes the per-rank logs. Returns the merged summary on every rank."""
+    from . import shards
+
     parts = dist.gather(outcome)
     planned = [] if plan is None else [left.record() for left in plan.left]
     total = Summary.merge([p.summary for p in parts], left=len(planned))
@@ -424,15 +424,8 @@ def finish(dist: Dist, out_dir: Path, outcome: Outcome, plan: Plan | None = None
                 tmp.write_text("".join(json.dumps(f) + "\n" for f in skipped), encoding="utf-8")
         if plan is not None and plan.shards:
             by_key = {s.key: s for s in plan.samples}
-            rows = [r for p in parts for r in p.index]
-            for key, (shard, position, meta) in (previous or {}).items():
-                sample = by_key.get(key)
-                row = index_row(sample, meta) if sample is not None else {
-                    "key": key, "row": None, "line": None, "clip": None, "start": meta.get("start"),
-                    "end": meta.get("end"), "frames": (meta.get("end") or 0) - (meta.get("start") or 0),
-                    "latent_shape": meta.get("latent_shape"), "bucket": meta.get("bucket")}
-                rows.append({**row, "shard": shard, "position": position})
-            write_index(out_dir, rows)
+            shards.write_index(out_dir, (index_row(shard, position, key, meta, by_key.get(key))
+                                         for shard, position, key, meta in shards.iter_samples(out_dir)))
         with atomic_path(out_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(total.to_json(), indent=1) + "\n", encoding="utf-8")
         for p in (out_dir / RUN_DIR).glob("failures.rank-*.jsonl"):
@@ -475,10 +468,10 @@ def settings(model_identity: str, cutting: Cutting, select: Selection, seed: int
 
 def prepare(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), *, cutting: Cutting = Cutting(),
             select: Selection = Selection(), sharding: Sharding | None = None, overwrite: bool = False,
-            made_with: dict | None = None) -> tuple[Plan, dict]:
-    """The plan for this job, and (shards) what the finished shards hold: key -> (shard, position,
-    KEY.json). With shards and `made_with` (the run's `settings`; None for a dry run, which
-    changes nothing), rank 0 first refuses an out_dir whose shards were made otherwise (unless
+            made_with: dict | None = None) -> Plan:
+    """The plan for this job; with shards, a sample is complete when a finished shard holds its
+    key. With shards and `made_with` (the run's `settings`; None for a dry run, which changes
+    nothing), rank 0 first refuses an out_dir whose shards were made otherwise (unless
     `overwrite`, which removes them), removes unfinished shards and records the settings; then
     every rank lists its share of the finished shards (a damaged one is renamed aside, so that its
     samples are redone)."""
@@ -486,7 +479,7 @@ def prepare(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), *, cutting: C
 
     out_dir = Path(out_dir)
     if sharding is None:
-        return make_plan(clips, out_dir, dist, overwrite, cutting=cutting, select=select), {}
+        return make_plan(clips, out_dir, dist, overwrite, cutting=cutting, select=select)
     if dist.rank == 0 and made_with is not None:
         wipe = shards.check_settings(out_dir, made_with, overwrite)
         if wipe:
@@ -504,8 +497,7 @@ def prepare(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), *, cutting: C
         parts, listing = dist.gather(listing), shards.Listing()
         for part in parts:
             listing.merge(part)
-    plan = make_plan(clips, out_dir, dist, overwrite, cutting=cutting, select=select, done=set(listing.samples))
-    return plan, listing.samples
+    return make_plan(clips, out_dir, dist, overwrite, cutting=cutting, select=select, done=set(listing.keys))
 
 
 def run_manifest(model, clips: list[Clip], out_dir: Path, options: Options, select: Selection = Selection(), *,
@@ -519,12 +511,12 @@ def run_manifest(model, clips: list[Clip], out_dir: Path, options: Options, sele
 
     dist = dist or Dist()
     made_with = None if sharding is None else settings(model_id(model), cutting, select, seed, save_logvar)
-    plan, previous = prepare(clips, out_dir, dist, cutting=cutting, select=select, sharding=sharding,
-                             overwrite=overwrite, made_with=made_with)
+    plan = prepare(clips, out_dir, dist, cutting=cutting, select=select, sharding=sharding,
+                   overwrite=overwrite, made_with=made_with)
     outcome = run_plan(model, plan, options, select, rank=dist.rank, seed=seed, save_logvar=save_logvar,
                        overwrite=overwrite, batch_size=batch_size,
                        shard_size=sharding.size if sharding is not None else 1000, note=note, progress=progress)
-    return finish(dist, out_dir, outcome, plan, previous)
+    return finish(dist, out_dir, outcome, plan)
 
 
 def line_writer(rank: int, world: int, stream=None) -> Note:

@@ -29,7 +29,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .atomic import FILE_MODE, temp_beside
 from .errors import CvaeError
@@ -92,55 +92,86 @@ def read_shard(path: Path) -> list[tuple[str, dict]]:
 
 @dataclass
 class Listing:
-    """What the finished shards hold: key -> (shard name, position, KEY.json), and the shards
-    found damaged (renamed aside)."""
+    """What the finished shards hold: key -> shard name, and the shards found damaged."""
 
-    samples: dict[str, tuple[str, int, dict]] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
     damaged: list[str] = field(default_factory=list)
 
     def merge(self, other: Listing) -> None:
-        self.samples.update(other.samples)
+        self.keys.update(other.keys)
         self.damaged += other.damaged
 
 
-def _journal(out_dir: Path) -> dict[str, dict]:
-    """shard name -> its last journal line, from every rank's journal (any world size)."""
-    lines: dict[str, dict] = {}
+@dataclass(frozen=True)
+class _Line:
+    """Where a shard's journal line is: the journal, the line's offset, and the shard's size then."""
+
+    journal: Path
+    offset: int
+    bytes: int
+
+
+def _journal(out_dir: Path) -> dict[str, _Line]:
+    """shard name -> where its journal line is, from every rank's journal (any world size). Only
+    the places are kept: the lines, a shard's samples each, are read again one at a time."""
+    lines: dict[str, _Line] = {}
     for path in sorted((Path(out_dir) / RUN_DIR).glob("journal.rank-*.jsonl")):
-        with contextlib.suppress(OSError):
-            for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            offset = 0
+            for line in f:
                 try:
                     entry = json.loads(line)
-                    lines[entry["shard"]] = entry
+                    lines[entry["shard"]] = _Line(path, offset, int(entry["bytes"]))
                 except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a kill
+                    pass  # a line cut short by a kill
+                offset += len(line)
     return lines
 
 
+def _samples(path: Path, journal: dict[str, _Line]) -> list[tuple[str, dict]]:
+    """A finished shard's (key, KEY.json) in order: from its journal line when that line describes
+    this very file (same size), else from the shard itself; CvaeError when it is not whole."""
+    line = journal.get(path.name)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CvaeError(f"{path}: {e.strerror or e}") from None
+    if line is not None and line.bytes == size:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(line.journal, "rb") as f:
+            f.seek(line.offset)
+            return [(s["key"], s["meta"]) for s in json.loads(f.readline())["samples"]]
+    return read_shard(path)
+
+
 def list_shards(out_dir: Path, rank: int = 0, world: int = 1, rename: bool = True) -> Listing:
-    """This rank's strided share of the finished shards: their samples (from the journal when its
-    line matches the file, else from the file); damaged shards are renamed to `NAME.damaged`
-    (with `rename`; a dry run only leaves them out)."""
+    """This rank's strided share of the finished shards: the keys in each; damaged shards are
+    renamed to `NAME.damaged` (with `rename`; a dry run only leaves them out)."""
     journal = _journal(out_dir)
     listing = Listing()
     for path in shard_files(out_dir)[rank::world]:
-        entry = journal.get(path.name)
         try:
-            if entry is not None and entry.get("bytes") == path.stat().st_size:
-                samples = [(s["key"], s["meta"]) for s in entry["samples"]]
-            else:
-                samples = read_shard(path)
+            samples = _samples(path, journal)
         except CvaeError:
             if rename:
                 with contextlib.suppress(OSError):
                     os.replace(path, path.with_name(path.name + ".damaged"))
             listing.damaged.append(path.name)
             continue
-        except (KeyError, TypeError, OSError):
-            continue
-        for k, (key, meta) in enumerate(samples):
-            listing.samples[key] = (path.name, k, meta)
+        listing.keys.update((key, path.name) for key, _ in samples)
     return listing
+
+
+def iter_samples(out_dir: Path) -> Iterator[tuple[str, int, str, dict]]:
+    """(shard name, position, key, KEY.json) of every sample in the finished shards, shard by shard
+    in name order, holding one shard's at a time (a shard that does not read as whole is left out)."""
+    journal = _journal(out_dir)
+    for path in shard_files(out_dir):
+        try:
+            samples = _samples(path, journal)
+        except CvaeError:
+            continue
+        for position, (key, meta) in enumerate(samples):
+            yield path.name, position, key, meta
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -192,11 +223,10 @@ def write_settings(out_dir: Path, settings: dict) -> None:
         tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_index(out_dir: Path, rows: list[dict]) -> None:
-    """index.jsonl, in shard order then position (rank 0, at the end of a run)."""
+def write_index(out_dir: Path, rows: Iterable[dict]) -> None:
+    """index.jsonl from `rows`, as they come (rank 0, at the end of a run)."""
     from .atomic import atomic_path
 
-    rows = sorted(rows, key=lambda r: (r["shard"], r["position"]))
     with atomic_path(Path(out_dir) / INDEX) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
@@ -225,7 +255,6 @@ class ShardWriter:
         taken = [int(m.group(2)) for p in self.out_dir.glob(f"shard-{rank:05d}-*.tar*")
                  if (m := _NAME.match(p.name))]
         self.seq = max(taken, default=-1) + 1
-        self.finished: list[dict] = []  # index rows of the shards finished by this writer
         self._tar: tarfile.TarFile | None = None
         self._file = None
         self._tmp: Path | None = None
@@ -236,9 +265,9 @@ class ShardWriter:
     def target(self) -> Path:
         return self.out_dir / shard_name(self.rank, self.seq)
 
-    def add(self, key: str, latent: Path, meta: dict, row: dict) -> None:
+    def add(self, key: str, latent: Path, meta: dict) -> None:
         """Put one sample in the current shard: `latent` (a finished latent file) as KEY.safetensors,
-        `meta` as KEY.json; `row` is its index.jsonl row (shard and position are filled in)."""
+        `meta` as KEY.json."""
         if "." in key or "/" in key:
             raise ValueError(f"bad key {key!r}")
         if self._tar is None:
@@ -250,8 +279,7 @@ class ShardWriter:
         data = json.dumps(meta, ensure_ascii=False).encode("utf-8")
         self._tar.addfile(_info(f"{key}.json", len(data)), io.BytesIO(data))
         self._clean = True
-        self._samples.append({**row, "key": key, "shard": self.target.name, "position": len(self._samples),
-                              "meta": meta})
+        self._samples.append({"key": key, "meta": meta})
         if len(self._samples) >= self.size:
             self.finish()
 
@@ -276,11 +304,10 @@ class ShardWriter:
             raise CvaeError(f"cannot write {target}: {e.strerror or e}") from None
         self.seq += 1
         self._journal(target, samples)
-        self.finished += [{k: v for k, v in s.items() if k != "meta"} for s in samples]
 
     def _journal(self, target: Path, samples: list[dict]) -> None:
         line = json.dumps({"shard": target.name, "bytes": target.stat().st_size,
-                           "samples": [{"key": s["key"], "meta": s["meta"]} for s in samples]}) + "\n"
+                           "samples": samples}) + "\n"
         path = journal_path(self.out_dir, self.rank)
         with contextlib.suppress(OSError):  # only a shortcut: a re-run reads the shard instead
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,10 +331,3 @@ class ShardWriter:
             self.finish()
         else:
             self.abort()
-
-
-def iter_index(out_dir: Path) -> Iterator[dict]:
-    """The rows of index.jsonl."""
-    with open(Path(out_dir) / INDEX, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)

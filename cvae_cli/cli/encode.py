@@ -148,8 +148,8 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
     dist = Dist.from_env()
     if dry_run:
         with dist.session(dist.device(device)):
-            plan, _ = dataset.prepare(clips, out_dir, dist, cutting=layout.cutting, select=select,
-                                      sharding=layout.sharding, overwrite=overwrite)
+            plan = dataset.prepare(clips, out_dir, dist, cutting=layout.cutting, select=select,
+                                   sharding=layout.sharding, overwrite=overwrite)
             if dist.rank == 0:
                 for line in plan.lines():
                     typer.echo(line)
