@@ -166,12 +166,13 @@ class Selection:
         return self.resize(info) or (info.width, info.height)
 
     def expected_frames(self, info: media.MediaInfo) -> int | None:
-        """How many frames this selects, by the container's claim: for progress bars and
-        planning only (headers lie). None when the container does not say."""
+        """How many frames this selects, from the video's length (`media.MediaInfo.frame_count`):
+        for progress bars and planning only (a damaged file decodes fewer). Without a length, a
+        selection with an end still has a count; else None."""
         if info.is_image:
             return 1 if self.start == 0 and (self.end is None or self.end > 0) else 0
         if info.frame_count is None:
-            return None
+            return None if self.end is None else max(0, self.end - self.start)
         frames = info.frame_count * (self.fps / float(info.fps) if self.fps and info.fps else 1)
         end = frames if self.end is None else min(frames, self.end)
         return max(0, round(end - self.start))
