@@ -20,6 +20,15 @@ from cvae_cli.metrics import FrameMetrics, frames_to_tensor, psnr, ssim
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small float64 ops on many threads crawl on a busy machine (17 s against 0.3 s here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def frames(n=2, h=40, w=52, seed=0):
     """Smooth-ish uint8 frames (N, H, W, 3) plus a noisy copy."""
     rng = np.random.default_rng(seed)
