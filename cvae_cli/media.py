@@ -117,9 +117,11 @@ class MediaFile:
             self._stack = self._stack.pop_all()
 
     def frames(self, *, start: int = 0, end: int | None = None, fps=None, size: tuple[int, int] | None = None,
-               allow_partial: bool = False, times: list | None = None) -> Iterator[np.ndarray]:
+               allow_partial: bool = False, times: list | None = None,
+               box: tuple[float, float, float, float] | None = None) -> Iterator[np.ndarray]:
         """Yield upright RGB frames [start, end) (indices after resampling to `fps` when given),
-        resized to `size` = (W, H) when given. A still image yields one frame (index 0). A list
+        resized to `size` = (W, H) when given; `box` = (left, top, right, bottom), in upright
+        pixels, is the region resized to `size` (a crop in the same resampling step). A still image yields one frame (index 0). A list
         passed as `times` receives each yielded frame's presentation time, in seconds from the
         first one (a variable frame rate's real times; k/fps after resampling). Once per file.
 
@@ -136,11 +138,11 @@ class MediaFile:
             selected = start == 0 and (end is None or end > 0)
             if selected and times is not None:
                 times.append(Fraction(0))
-            return iter([_resize(_load_image(self.path), size)] if selected else [])
+            return iter([_resize(_load_image(self.path), size, box)] if selected else [])
         self._decoder.allow_partial = allow_partial
-        return self._video_frames(start, end, fps, size, times)
+        return self._video_frames(start, end, fps, size, times, box)
 
-    def _video_frames(self, start, end, fps, size, times: list | None) -> Iterator[np.ndarray]:
+    def _video_frames(self, start, end, fps, size, times: list | None, box=None) -> Iterator[np.ndarray]:
         with self:
             if end is not None and end <= start:
                 return
@@ -159,7 +161,7 @@ class MediaFile:
                 if frame is last_frame:  # a repeat from resampling: same pixels, own buffer
                     yield last_array.copy()
                     continue
-                array = _to_rgb(frame, self._crop, size)
+                array = _to_rgb(frame, self._crop, size, box)
                 last_frame, last_array = frame, array
                 yield array
 
@@ -560,20 +562,21 @@ def _quarter_turns(frame) -> int:
     return round(frame.rotation / 90) % 4
 
 
-def _to_rgb(frame, crop, size) -> np.ndarray:
+def _to_rgb(frame, crop, size, box=None) -> np.ndarray:
     array = frame.to_ndarray(format="rgb24", src_color_range=frame.color_range)
     if crop:
         array = array[: crop[1], : crop[0]]
     turns = _quarter_turns(frame)
     if turns:
         array = np.rot90(array, turns)
-    return _resize(np.ascontiguousarray(array), size)
+    return _resize(np.ascontiguousarray(array), size, box)
 
 
-def _resize(array: np.ndarray, size) -> np.ndarray:
-    if size is None or (array.shape[1], array.shape[0]) == tuple(size):
+def _resize(array: np.ndarray, size, box=None) -> np.ndarray:
+    whole = (0, 0, array.shape[1], array.shape[0])
+    if size is None or ((array.shape[1], array.shape[0]) == tuple(size) and (box is None or tuple(box) == whole)):
         return array
     w, h = (int(x) for x in size)
     if w < 1 or h < 1:
         raise ValueError(f"bad size {size}")
-    return np.array(Image.fromarray(array).resize((w, h), _RESAMPLE))
+    return np.array(Image.fromarray(array).resize((w, h), _RESAMPLE, box=None if box is None else tuple(box)))

@@ -74,7 +74,7 @@ class Survey:
 def list_files(entries: Sequence[str | os.PathLike]) -> list[Path]:
     """Media files named by folders (searched recursively by suffix), globs, single files, and the
     manifests `cvae encode --manifest` reads (.txt, .csv, .jsonl); duplicates dropped, order kept."""
-    from .dataset import read_manifest
+    from .manifest import read_manifest
 
     found: list[Path] = []
     for entry in map(str, entries):

@@ -82,12 +82,21 @@ def info(files: Inputs):
         cvae info clip.mp4 photo.jpg
     ```
     """
-    console = Console(highlight=False, soft_wrap=True)
-    for path in expand(files):
-        if not path.exists():
-            raise CvaeError(f"no such file: {path}")
-        for line in _describe(path):
+    console, out = Console(highlight=False, soft_wrap=True), Output()
+    paths, failed = expand(files), 0
+    for path in paths:  # a bad file is said and skipped; the others are still described
+        try:
+            if not path.exists():
+                raise CvaeError(f"no such file: {path}")
+            lines = list(_describe(path))
+        except CvaeError as e:
+            out.error(str(e))
+            failed += 1
+            continue
+        for line in lines:
             console.print(escape(line))
+    if failed:
+        raise typer.Exit(1)
 
 
 _WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
