@@ -149,6 +149,17 @@ def test_planning_estimates_a_clip_without_a_stated_length(clips, tmp_path):
     assert [dataset.estimate_frames(c) for c in dataset.read_manifest(manifest)] == [41, 41]
 
 
+def test_clips_are_cut_from_a_video_without_a_stated_length(clips, tmp_path):
+    """`encode --clip-frames 17` said "its length is unknown, so no clip of 17 frames can be cut"."""
+    from cvae_cli import samples
+
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(f'{{"path": "{clips.mpg}", "caption": "a cockatoo"}}\n')
+    (row,) = dataset.read_manifest(manifest)
+    cut, left = samples.row_samples(row, 0, media.probe(clips.mpg), samples.Cutting(clip_frames=17))
+    assert left is None and [(s.start, s.end) for s in cut] == [(0, 17), (17, 34)]
+
+
 def test_selection_counts_with_and_without_a_length(clips):
     info = media.probe(clips.mpg)
     assert Selection().expected_frames(info) == 41
