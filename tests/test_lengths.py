@@ -198,3 +198,14 @@ def info_lines(path) -> list[str]:
 
 def test_info_states_the_counted_length(clips):
     assert "  frames: 41 (counted: the container does not state it)" in info_lines(clips.mpg)
+
+
+def test_dry_run_plans_the_clips_of_a_video_without_a_stated_length(clips, tmp_path):
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(f'{{"path": "{clips.mpg}", "caption": "a cockatoo"}}\n')
+    out = subprocess.run([sys.executable, "-m", "cvae_cli", "encode", "--manifest", str(manifest), "--out-dir",
+                          str(tmp_path / "latents"), "--shards", "--clip-frames", "17", "--dry-run"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    planned = [line for line in out.stdout.splitlines() if line.startswith("encode ")]
+    assert [line.split("(")[-1] for line in planned] == ["start 0, end 17)", "start 17, end 34)"]
