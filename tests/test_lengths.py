@@ -7,15 +7,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import av
 import pytest
+from typer.testing import CliRunner
 
 from cvae_cli import dataset, media, trainset
+from cvae_cli.cli import app
 from cvae_cli.media import MediaInfo
 from cvae_cli import Selection, StreamOptions, encode_many  # wherever the engine keeps them
 
@@ -189,11 +190,15 @@ def test_progress_total_of_a_clip_without_a_stated_length(clips, tmp_path):
     assert totals == [41] and sum(ticks) == 41
 
 
+def cvae(*args) -> list[str]:
+    """`cvae ARGS` in this process: its output lines (it must succeed)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()
+
+
 def info_lines(path) -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "cvae_cli", "info", str(path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
+    return cvae("info", path)
 
 
 def test_info_states_the_counted_length(clips):
@@ -203,9 +208,7 @@ def test_info_states_the_counted_length(clips):
 def test_dry_run_plans_the_clips_of_a_video_without_a_stated_length(clips, tmp_path):
     manifest = tmp_path / "clips.jsonl"
     manifest.write_text(f'{{"path": "{clips.mpg}", "caption": "a cockatoo"}}\n')
-    out = subprocess.run([sys.executable, "-m", "cvae_cli", "encode", "--manifest", str(manifest), "--out-dir",
-                          str(tmp_path / "latents"), "--shards", "--clip-frames", "17", "--dry-run"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    planned = [line for line in out.stdout.splitlines() if line.startswith("encode ")]
+    lines = cvae("encode", "--manifest", manifest, "--out-dir", tmp_path / "latents", "--shards", "--clip-frames", "17",
+                 "--dry-run")
+    planned = [line for line in lines if line.startswith("encode ")]
     assert [line.split("(")[-1] for line in planned] == ["start 0, end 17)", "start 17, end 34)"]
