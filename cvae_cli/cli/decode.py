@@ -12,11 +12,17 @@ from ..errors import CvaeError
 from ..outputs import check_suffix, decoded_name, expand, name_outputs, recon_name
 from .app import command
 from .jobs import one_by_one, report, triage
-from .options import Crf, DryRun, Inputs, ModelOptions, OutDir, OutFile, Overwrite, Quiet, SelectOptions, grouped
-from .output import Output, count
+from .options import (Crf, DryRun, Inputs, ModelOptions, OutDir, OutFile, Overwrite, Quiet, SelectOptions, check_crf,
+                      grouped)
+from .output import Output
 
 if TYPE_CHECKING:
     from ..latents import LatentFile
+
+
+# what a reconstruction's scores do not see: the writer's own loss (they score the decoded frames)
+LOSSY = {".mp4": "H.264", ".mov": "H.264", ".mkv": "H.264", ".webm": "VP9", ".jpg": "JPEG", ".jpeg": "JPEG",
+         ".webp": "WebP"}
 
 
 @command
@@ -51,7 +57,10 @@ def decode(
     """
     from ..tokenizer import check_output_kind, recorded_norm
 
-    out, paths = Output(quiet), expand(inputs)
+    out = Output(quiet)
+    check_crf(crf, output)
+    model.check(out)
+    paths = expand(inputs)
     latents, unreadable = open_latents(out, paths)
     if output is not None and len(latents) == 1:
         check_output_kind(output, image=next(iter(latents.values())).meta.fps is None)
@@ -98,14 +107,18 @@ def reconstruct(
     where: SelectOptions,
     crf: Crf = 18,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input and reconstruction side by side.")] = False,
-    metrics_json: Annotated[Optional[Path], typer.Option("--metrics-json", help="Save per-frame PSNR/SSIM here.")] = None,
+    metrics_json: Annotated[Optional[Path], typer.Option("--metrics-json", help="Save per-frame PSNR/SSIM here "
+                                                          "(null where a value is not a finite number).")] = None,
+    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Skip PSNR/SSIM: only write the "
+                                                                  "reconstruction.")] = False,
     dry_run: DryRun = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
     """Encode and decode in one pass and score the result (PSNR, SSIM against the input):
     X.mp4 -> X.recon.mp4, an image -> X.recon.png. Audio and alpha are dropped; --frames counts
-    frames after --fps resampling.
+    frames after --fps resampling. The scores are of the frames as decoded, before the video (or
+    JPEG) encoder; the output is written first, and a scoring failure never costs it.
 
     Examples:
 
@@ -116,9 +129,13 @@ def reconstruct(
     """
     from .. import media
     from ..atomic import atomic_path
-
-    out, select, paths = Output(quiet), where.selection(), expand(inputs)
+    out, select = Output(quiet), where.selection()
+    check_crf(crf, output)
+    model.check(out)
+    paths = expand(inputs)
     if metrics_json is not None:
+        if no_metrics:
+            raise CvaeError("--metrics-json and --no-metrics: choose one")
         check_suffix(metrics_json, [".json"], "metrics")
     jobs = name_outputs(paths, output, out_dir, lambda src: recon_name(src, media.is_image(src)))
     todo = triage(out, jobs, overwrite, dry_run)
@@ -130,19 +147,22 @@ def reconstruct(
         tok = model.load(out)
         outcomes = one_by_one(out, todo.pending, "reconstructing", media.open_media,
                               lambda source: select.expected_frames(source.info),
-                              lambda source, dst, advance: tok.reconstruct(source, dst, select=select, crf=crf,
-                                                                           side_by_side=side_by_side,
-                                                                           overwrite=True, progress=advance))
+                              lambda source, dst, advance: tok.reconstruct(
+                                  source, dst, select=select, crf=crf, side_by_side=side_by_side,
+                                  metrics=not no_metrics, overwrite=True, progress=advance))
     try:
         report(out, len(paths), todo, outcomes, on_result=lambda src, result: keep_score(out, scores, src, result))
     finally:
         if metrics_json and scores:
             with atomic_path(metrics_json) as tmp:
-                tmp.write_text(json.dumps(scores, indent=1, default=float))
+                tmp.write_text(json.dumps(scores, indent=1, allow_nan=False))
 
 
 def keep_score(out: Output, scores: dict[str, dict], src: Path, result) -> None:
-    """Say an input's scores, and keep them for --metrics-json."""
-    m = result.metrics
-    out.info(escape(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {count(len(m.psnr), 'frame')}"))
-    scores[str(src)] = {**m.summary(), "psnr_per_frame": m.psnr, "ssim_per_frame": m.ssim}
+    """Say an input's scores (or why there are none), and keep them for --metrics-json."""
+    if result.metrics_error:
+        out.warn(f"{src.name}: no scores ({result.metrics_error}); the output was written")
+    elif result.metrics is not None:
+        codec = LOSSY.get(result.output.suffix.lower())
+        out.info(escape(f"{src.name}: {result.metrics.line()}" + (f", before {codec} encoding" if codec else "")))
+        scores[str(src)] = result.metrics.summary()
