@@ -707,7 +707,7 @@ def test_scoring_that_fails_keeps_the_written_output(tmp_path, weights, monkeypa
     def out_of_memory(*_):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 26902481760 bytes")
 
-    monkeypatch.setattr(pipeline.FrameMetrics, "add", out_of_memory)
+    monkeypatch.setattr(tokenizer.FrameMetrics, "add", out_of_memory)
     photo = real_photo(tmp_path)
     r = cvae("reconstruct", photo, "-o", tmp_path / "out.png", "-w", weights, "--metrics-json", tmp_path / "m.json")
     assert r.exit_code == 0, r.output
@@ -716,7 +716,7 @@ def test_scoring_that_fails_keeps_the_written_output(tmp_path, weights, monkeypa
 
 
 def test_no_metrics_writes_the_reconstruction_only(tmp_path, weights, monkeypatch):
-    monkeypatch.setattr(pipeline.FrameMetrics, "add", lambda *_: pytest.fail("scored with --no-metrics"))
+    monkeypatch.setattr(tokenizer.FrameMetrics, "add", lambda *_: pytest.fail("scored with --no-metrics"))
     photo = real_photo(tmp_path)
     r = cvae("reconstruct", photo, "-o", tmp_path / "out.png", "-w", weights, "--no-metrics")
     assert r.exit_code == 0 and "PSNR" not in r.output and (tmp_path / "out.png").exists(), r.output
