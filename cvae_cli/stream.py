@@ -135,13 +135,23 @@ def plan(options: StreamOptions, factor: int, latent: bool) -> tuple[int, int, i
     return (1 + size, size, 0)
 
 
+TILE_OVERLAP = 0.25  # of a tile's side, shared with its neighbour and blended
+
+
 class Tiler:
     """Runs a step over overlapping spatial tiles, one stream cache per tile, blended linearly.
 
     `tile` is the tile side in the step's input units (pixels to encode, latents to decode);
-    `scale` is output size over input size (1/8 to encode, 8 to decode)."""
+    `scale` is output size over input size (1/8 to encode, 8 to decode).
 
-    def __init__(self, tile: int | None, scale: float, streaming: bool, overlap: float = 0.25):
+    The blend itself adds no seam: the weights of overlapping tiles sum to one everywhere, a tile's
+    own edge (where its convolutions saw padding) weighs at most 1/(blend+1), and a step that agrees
+    on the overlap comes out unchanged (tests/test_stream.py). Seams that remain are the tiles
+    disagreeing: a frame-norm model's GroupNorm and attention see one tile's statistics, not the
+    frame's (benchmarks/README.md, "Tile seams")."""
+
+    def __init__(self, tile: int | None, scale: float, streaming: bool, overlap: float | None = None):
+        overlap = TILE_OVERLAP if overlap is None else overlap
         self.tile, self.scale, self.streaming, self.overlap = tile, scale, streaming, overlap
         self.align = round(1 / scale) if scale < 1 else 1  # tile corners on whole latents
         self.caches: dict[tuple[int, int], StreamCache] = {}
