@@ -18,7 +18,7 @@ _LAZY = {
     "open_media": "media", "MediaFile": "media", "MediaInfo": "media",
     "encode_file": "pipeline", "encode_many": "pipeline", "decode_file": "pipeline", "reconstruct_file": "pipeline",
     "Selection": "pipeline", "read_manifest": "dataset", "run_manifest": "dataset", "Dist": "distributed",
-    "psnr": "metrics", "ssim": "metrics",
+    "psnr": "metrics", "ssim": "metrics", "LatentDataset": "loader",
 }
 
 __all__ = ["CausalVAE", "CausalVAEConfig", "CvaeError", "DiagonalGaussian", "StreamCache", "inflate", *_LAZY]

@@ -137,12 +137,26 @@ class Selection:
     size: tuple[int, int] | None = None  # (width, height)
     max_side: int | None = None
     allow_partial: bool = False
+    bucket: tuple[int, int] | None = None  # (width, height): resized to cover it, centre-cropped
+
+    def box(self, info: media.MediaInfo) -> tuple[float, float, float, float] | None:
+        """The centred region of the input with the bucket's aspect ratio (None: the whole frame)."""
+        if self.bucket is None:
+            return None
+        (bw, bh), (w, h) = self.bucket, (info.width, info.height)
+        if w * bh > h * bw:  # wider than the bucket: crop the sides
+            keep = h * bw / bh
+            return ((w - keep) / 2, 0.0, (w + keep) / 2, float(h))
+        keep = w * bh / bw
+        return (0.0, (h - keep) / 2, float(w), (h + keep) / 2)
 
     def output_fps(self, info: media.MediaInfo):
         return Fraction(self.fps).limit_denominator(1001) if self.fps else info.fps
 
     def resize(self, info: media.MediaInfo) -> tuple[int, int] | None:
         """The (width, height) to resize to, or None to keep the input's."""
+        if self.bucket is not None:
+            return self.bucket
         if self.size is None and self.max_side:
             return media.fit_size(info.width, info.height, self.max_side)
         return self.size
@@ -152,12 +166,13 @@ class Selection:
         return self.resize(info) or (info.width, info.height)
 
     def expected_frames(self, info: media.MediaInfo) -> int | None:
-        """How many frames this selects, by the container's claim: for progress bars and
-        planning only (headers lie). None when the container does not say."""
+        """How many frames this selects, from the video's length (`media.MediaInfo.frame_count`):
+        for progress bars and planning only (a damaged file decodes fewer). Without a length, a
+        selection with an end still has a count; else None."""
         if info.is_image:
             return 1 if self.start == 0 and (self.end is None or self.end > 0) else 0
         if info.frame_count is None:
-            return None
+            return None if self.end is None else max(0, self.end - self.start)
         frames = info.frame_count * (self.fps / float(info.fps) if self.fps and info.fps else 1)
         end = frames if self.end is None else min(frames, self.end)
         return max(0, round(end - self.start))
@@ -166,7 +181,7 @@ class Selection:
         """The selected frames of an opened input (their times, seconds from the first, appended
         to `times` when given)."""
         return source.frames(start=self.start, end=self.end, fps=self.fps, size=self.resize(source.info),
-                             allow_partial=self.allow_partial, times=times)
+                             allow_partial=self.allow_partial, times=times, box=self.box(source.info))
 
     def variable_times(self, info: media.MediaInfo, times: list) -> tuple | None:
         """The frame times worth keeping: a video's own, when they are off the 1/fps grid by more
@@ -345,11 +360,13 @@ def batched(items: Iterable, size: int, key: Callable | None = None, held: int =
     yield from waiting.values()
 
 
-def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], options: Options, *,
+def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path | Callable[[], media.MediaFile], Path, Selection]],
+                options: Options, *,
                 batch_size: int = 1, seed: int | None = None, save_logvar: bool = False,
                 progress: ProgressFactory | None = None) -> Iterator[tuple[int, Result | Exception]]:
     """Encode many (input, output, selection) jobs, `batch_size` of one model size at a time,
-    opening each input once; yield (job index, outcome) as outcomes come. A failure of one input
+    opening each input once (an input may be a function that opens it, e.g. `samples.ClipReaders`);
+    yield (job index, outcome) as outcomes come. A failure of one input
     (`per_input`) is its outcome and the others go on; any other failure raises."""
     failed: list[tuple[int, Exception]] = []
 
@@ -357,7 +374,7 @@ def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path, Path, Selection]], 
         for k, (src, _, _) in enumerate(jobs):
             interrupt.check()  # between inputs
             try:
-                yield k, media.open_media(src)
+                yield k, src() if callable(src) else media.open_media(src)
             except CvaeError as e:  # fails before the model, alone
                 failed.append((k, e))
 
