@@ -166,12 +166,13 @@ class Selection:
         return self.resize(info) or (info.width, info.height)
 
     def expected_frames(self, info: media.MediaInfo) -> int | None:
-        """How many frames this selects, by the container's claim: for progress bars and
-        planning only (headers lie). None when the container does not say."""
+        """How many frames this selects, from the video's length (`media.MediaInfo.frame_count`):
+        for progress bars and planning only (a damaged file decodes fewer). Without a length, a
+        selection with an end still has a count; else None."""
         if info.is_image:
             return 1 if self.start == 0 and (self.end is None or self.end > 0) else 0
         if info.frame_count is None:
-            return None
+            return None if self.end is None else max(0, self.end - self.start)
         frames = info.frame_count * (self.fps / float(info.fps) if self.fps and info.fps else 1)
         end = frames if self.end is None else min(frames, self.end)
         return max(0, round(end - self.start))
@@ -198,6 +199,7 @@ class Result:
     output: Path
     frames: int
     metrics: FrameMetrics | None = None
+    metrics_error: str | None = None  # why scoring stopped (the output was written all the same)
 
 
 def _options(options: Options, width: int, height: int, image: bool) -> StreamOptions:
@@ -404,7 +406,10 @@ def _write_frames(dst: Path, chunks: Iterable[np.ndarray], fps, limit: int, crf:
     transform = transform or (lambda chunk: chunk)
     with contextlib.closing(iter(chunks)) as chunks:
         if fps is None:
-            media.write_image(dst, transform(next(chunks)[:1])[0])
+            first = next(chunks, None)
+            if first is None:  # nothing selected: nothing written
+                return 0
+            media.write_image(dst, transform(first[:1])[0])
             if progress:
                 progress(1)
             return 1
@@ -458,9 +463,13 @@ def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Op
 
 def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, options: Options,
                      select: Selection = Selection(), *, crf: int = 18, side_by_side: bool = False,
-                     progress: Progress | None = None, prefetch: int = PREFETCH) -> Result:
-    """Encode and decode in one pass, scoring every output frame against its input (PSNR, SSIM);
-    reading, the model and scoring + video encode run in overlapping threads (`prefetch` > 0)."""
+                     metrics: bool = True, progress: Progress | None = None, prefetch: int = PREFETCH) -> Result:
+    """Encode and decode in one pass, scoring every output frame against its input (PSNR, SSIM of the
+    frames as decoded, before the video encoder; `metrics=False` skips them); reading, the model and
+    scoring + video encode run in overlapping threads (`prefetch` > 0).
+
+    Finished work is never thrown away for a score: each chunk is scored after it was handed to the
+    writer, and a scoring failure stops the scoring (`Result.metrics_error`), not the output."""
     with contextlib.ExitStack() as stack:
         source = _opened(src, stack)
         info = source.info
@@ -470,24 +479,40 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
         opts = _options(options, width, height, info.is_image)
         times: list = []  # the input's frame times, kept for the output (filled ahead of the writer)
         pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
-        metrics = FrameMetrics()
+        scores = FrameMetrics() if metrics else None
+        written: list[tuple[np.ndarray, np.ndarray]] = []  # the chunk handed to the writer last, to score
+        failure: list[str] = []
 
         def remember(frames):
             for frame in frames:
                 pending.append(frame)
                 yield frame
 
-        def score(chunk: np.ndarray) -> np.ndarray:
+        def score_written() -> None:
+            """Score the chunk the writer has taken; a failure ends scoring, never the output."""
+            while written and scores is not None and not failure:
+                inputs, outputs = written.pop()
+                try:
+                    scores.add(frames_to_tensor(inputs), frames_to_tensor(outputs))
+                except (CvaeError, RuntimeError, ValueError, MemoryError) as e:
+                    failure.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            written.clear()
+
+        def pair(chunk: np.ndarray) -> np.ndarray:
+            score_written()  # the chunk before this one is in the writer now
             chunk = chunk[: len(pending)]  # frames past the input's end decode its padding
             inputs = np.stack([pending.popleft() for _ in range(len(chunk))])
-            metrics.add(frames_to_tensor(inputs), frames_to_tensor(chunk))
+            written.append((inputs, chunk))
             return np.concatenate([inputs, chunk], axis=2) if side_by_side else chunk
 
         frames = stack.enter_context(contextlib.closing(background(select.frames(source, times), prefetch)))
         latents = (mean for mean, _ in encode_frames(model, remember(frames), opts))
         chunks = background(decode_latents(model, latents, opts, height, width), prefetch)
         keep_times = not (info.is_image or select.fps)
-        written = _write_frames(dst, chunks, None if info.is_image else select.output_fps(info), 2**62, crf,
-                                progress, transform=score, times=times if keep_times else None,
-                                time_base=info.time_base)
-    return Result(dst, written, metrics)
+        count = _write_frames(dst, chunks, None if info.is_image else select.output_fps(info), 2**62, crf,
+                              progress, transform=pair, times=times if keep_times else None,
+                              time_base=info.time_base)
+        if count == 0:
+            raise CvaeError(f"{source.path}: no frames selected")
+        score_written()
+    return Result(dst, count, scores, failure[0] if failure else None)

@@ -12,7 +12,8 @@ from ..outputs import check_suffix, expand, name_outputs
 from .app import command
 from .jobs import load_engine, report, triage
 from .options import (AllowPartial, BatchSize, Chunk, Compile, Cut, Device, DryRun, Dtype, Fast, Fps, Frames,
-                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, selection)
+                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, check_placement,
+                      selection)
 from .output import Output
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def encode(
     out = Output(quiet)
     select = selection(frames, fps, size, max_side, allow_partial)
     cut = Cut.parse(mode, chunk, tile)
+    check_placement(device, dtype, out)
     seed_or_none = seed if sample else None
     layout = dataset_layout(manifest, output, shards, shard_size, clip_frames, clip_stride, buckets, size, max_side)
     if manifest is not None:
