@@ -70,7 +70,7 @@ def is_complete(dst: Path) -> bool:
 # --- planning ---------------------------------------------------------------------------------
 
 def estimate_frames(clip: Clip) -> int | None:
-    """The frames a row will yield, from its selection and the container's claim (None: unknown)."""
+    """The frames a row will yield, from its selection and the video's length (`media`; None: unknown)."""
     if clip.end is not None and clip.fps is None:
         return clip.end - (clip.start or 0)
     try:

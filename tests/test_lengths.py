@@ -7,18 +7,18 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import av
 import pytest
+from typer.testing import CliRunner
 
 from cvae_cli import dataset, media, trainset
+from cvae_cli.cli import app
 from cvae_cli.media import MediaInfo
-from cvae_cli.pipeline import Selection, encode_many
-from cvae_cli.stream import StreamOptions
+from cvae_cli import Selection, StreamOptions, encode_many  # wherever the engine keeps them
 
 from conftest import random_model
 
@@ -150,6 +150,17 @@ def test_planning_estimates_a_clip_without_a_stated_length(clips, tmp_path):
     assert [dataset.estimate_frames(c) for c in dataset.read_manifest(manifest)] == [41, 41]
 
 
+def test_clips_are_cut_from_a_video_without_a_stated_length(clips, tmp_path):
+    """`encode --clip-frames 17` said "its length is unknown, so no clip of 17 frames can be cut"."""
+    from cvae_cli import samples
+
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(f'{{"path": "{clips.mpg}", "caption": "a cockatoo"}}\n')
+    (row,) = dataset.read_manifest(manifest)
+    cut, left = samples.row_samples(row, 0, media.probe(clips.mpg), samples.Cutting(clip_frames=17))
+    assert left is None and [(s.start, s.end) for s in cut] == [(0, 17), (17, 34)]
+
+
 def test_selection_counts_with_and_without_a_length(clips):
     info = media.probe(clips.mpg)
     assert Selection().expected_frames(info) == 41
@@ -179,12 +190,25 @@ def test_progress_total_of_a_clip_without_a_stated_length(clips, tmp_path):
     assert totals == [41] and sum(ticks) == 41
 
 
+def cvae(*args) -> list[str]:
+    """`cvae ARGS` in this process: its output lines (it must succeed)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()
+
+
 def info_lines(path) -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "cvae_cli", "info", str(path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
+    return cvae("info", path)
 
 
 def test_info_states_the_counted_length(clips):
     assert "  frames: 41 (counted: the container does not state it)" in info_lines(clips.mpg)
+
+
+def test_dry_run_plans_the_clips_of_a_video_without_a_stated_length(clips, tmp_path):
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(f'{{"path": "{clips.mpg}", "caption": "a cockatoo"}}\n')
+    lines = cvae("encode", "--manifest", manifest, "--out-dir", tmp_path / "latents", "--shards", "--clip-frames", "17",
+                 "--dry-run")
+    planned = [line for line in lines if line.startswith("encode ")]
+    assert [line.split("(")[-1] for line in planned] == ["start 0, end 17)", "start 17, end 34)"]

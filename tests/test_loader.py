@@ -200,8 +200,7 @@ def test_bad_shuffle_is_refused(five):
 def test_per_file_folder_from_encode(tmp_path, one_thread):
     """What `cvae encode --out-dir` writes (here by the library, with a tiny model): one latent per
     clip, folders mirrored, plus its bookkeeping and a killed run's hidden temporary."""
-    from cvae_cli.pipeline import Selection, encode_many
-    from cvae_cli.stream import StreamOptions
+    from cvae_cli import Selection, StreamOptions, encode_many
 
     out = tmp_path / "latents"
     (out / "videos").mkdir(parents=True)
@@ -361,3 +360,17 @@ def test_the_loader_needs_no_model_and_no_command_line():
     assert local == {"errors", "latents"}
     assert outside <= {"__future__", "dataclasses", "glob", "json", "os", "pathlib", "random", "tarfile", "torch",
                        "typing"}
+
+
+def test_reads_what_the_shard_writer_writes(tmp_path):
+    """The loader and `encode --shards`' writer agree on the format (runs once cvae_cli.shards exists)."""
+    shards = pytest.importorskip("cvae_cli.shards", reason="cvae_cli.shards (the writer) is not merged yet")
+    out, scratch = tmp_path / "latents", tmp_path / "one.safetensors"
+    out.mkdir()
+    with shards.ShardWriter(out, rank=0, size=3) as writer:
+        for k in range(7):
+            LatentFile.save(scratch, torch.full((4, 2, 4, 6), float(k)), latent_meta())
+            writer.add(f"clip_{k:03d}", scratch, {"caption": f"clip {k}", "start": 0, "end": 5})
+    items = list(DataLoader(LatentDataset(out), batch_size=None, num_workers=2))
+    assert sorted((i["key"], float(i["latent"].mean()), i["meta"]["caption"]) for i in items) == \
+        [(f"clip_{k:03d}", float(k), f"clip {k}") for k in range(7)]
