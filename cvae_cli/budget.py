@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import re
 import weakref
 from dataclasses import dataclass, field, replace
@@ -326,7 +325,7 @@ def parse_size(text: str, option: str = "--memory-budget") -> int:
 
 
 def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
 MARGIN = 0.1  # of the free memory, kept back by default: other processes, allocator slack
@@ -356,7 +355,7 @@ class Budget:
     source: str = "--memory-budget"
 
     def __str__(self) -> str:
-        return f"{gib(self.bytes)} ({self.source})"
+        return gib(self.bytes) + ("" if self.source == "--memory-budget" else f" ({self.source})")
 
 
 def default_budget(device: torch.device, model: torch.nn.Module, direction: str) -> Budget | None:
@@ -481,31 +480,95 @@ def out_of_memory(error: BaseException, where: str, device: torch.device | str |
 T = TypeVar("T")
 
 
+def within_memory(run: Callable[[object], T], options, where: str, device, note: Callable[[str], None]) -> T:
+    """`run(options)`; when it runs out of memory and `options` is a `Policy` with a smaller cut,
+    once more with that cut, said in one line; running out of memory after that is
+    `out_of_memory`'s one line. Other failures propagate."""
+    try:
+        return run(options)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        release_memory()
+        last = options.last if isinstance(options, Policy) else None
+        smaller = options.shrunk() if isinstance(options, Policy) else None
+        if smaller is None:
+            raise out_of_memory(error, where, device, last) from None
+    note(f"{where}: out of memory at {last.describe()}; retrying once with "
+         f"{describe_cut(smaller.last.options)} (counted {gib(smaller.last.peak)})")
+    try:
+        return run(smaller)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        release_memory()
+        raise out_of_memory(error, where, device, smaller.last) from None
+
+
+# --- the cut for each input --------------------------------------------------------------------
+
 @dataclass
-class Retry:
-    """Running out of memory once per input: the next smaller cut, said in one line, then the error."""
+class Policy:
+    """How each input is cut: what the user fixed (`chunk`, `tile`, `mode`) stays, the rest is the
+    cut that fits the budget (`fit`). Called as `policy(width, height, image, frames=, batch=)` for
+    each input; `last` is the choice it made last. An input that cannot fit even at the smallest
+    cut fails before it runs (CvaeError); a cut the user fixed that does not fit runs, after a
+    one-line warning (`warn`)."""
 
-    note: Callable[[str], None] = field(default=lambda message: None)
+    config: CausalVAEConfig
+    dtype: torch.dtype
+    levers: Levers
+    budget: Budget
+    mode: str = "auto"
+    chunk: int | None = None
+    tile: int | str | None = "auto"
+    smaller: int = 0
+    warn: Callable[[str], None] = field(default=lambda message: None, compare=False, repr=False)
+    last: Choice | None = field(default=None, compare=False)
+    _args: tuple | None = field(default=None, compare=False, repr=False)
+    _warned: set = field(default_factory=set, compare=False, repr=False)
 
-    def run(self, attempt: Callable[[int], T], where: str, device, last: Callable[[], Choice | None],
-            can_shrink: Callable[[], bool]) -> T:
-        """`attempt(smaller)` with smaller 0, then 1 after running out of memory (if `can_shrink`);
-        an out-of-memory failure after that becomes `out_of_memory`'s CvaeError."""
+    def choice(self, width: int, height: int, image: bool = False, frames: int | None = None,
+               batch: int = 1) -> Choice:
+        from .stream import exact_streaming
+
+        mode = self.mode if self.mode != "auto" else "stream" if exact_streaming(self.config) else "window"
         try:
-            return attempt(0)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            release_memory()
-            first = last()
-            if not can_shrink():
-                raise out_of_memory(error, where, device, first) from None
-        self.note(f"{where}: out of memory{' at ' + first.describe() if first else ''}; retrying once with a "
-                  "smaller cut")
+            if self.chunk is not None and self.tile != "auto":
+                options = StreamOptions(mode=mode, chunk=self.chunk, tile=self.tile)
+                choice = explicit(self.config, self.dtype, self.levers, self.budget, options, width, height,
+                                  image, frames, batch)
+            else:
+                choice = fit(self.config, self.dtype, self.levers, self.budget, mode, width, height, self.chunk,
+                             self.tile, image, frames, batch, self.smaller)
+        except ValueError as e:
+            raise CvaeError(str(e)) from None
+        self.last, self._args = choice, (width, height, image, frames, batch)
+        if not choice.fits:
+            fixed = self.chunk is not None or self.tile != "auto"
+            message = (f"{width}x{height}{' (image)' if image else ''} needs {gib(choice.peak)} at "
+                       f"{'the cut given' if fixed else 'the smallest cut'} ({describe_cut(choice.options)}), "
+                       f"over the memory budget of {self.budget}")
+            if not fixed:
+                raise CvaeError(f"{message}: it would run out of memory; give a larger --memory-budget if the "
+                                "memory is there, or use another device")
+            if message not in self._warned:
+                self._warned.add(message)
+                self.warn(message)
+        return choice
+
+    def __call__(self, width: int, height: int, image: bool = False, frames: int | None = None,
+                 batch: int = 1) -> StreamOptions:
+        return self.choice(width, height, image, frames, batch).options
+
+    def shrunk(self) -> "Policy | None":
+        """The same policy one cut smaller than its last choice (None if there is none), its
+        `last` set to that cut."""
+        if self.last is None or self._args is None:
+            return None
+        smaller = replace(self, smaller=self.smaller + 1, _warned=set())
         try:
-            return attempt(1)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            release_memory()
-            raise out_of_memory(error, where, device, last()) from None
+            choice = smaller.choice(*self._args)
+        except CvaeError:
+            return None
+        return smaller if choice.options != self.last.options and choice.peak < self.last.peak else None
