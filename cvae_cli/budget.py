@@ -413,15 +413,23 @@ def fit(config: CausalVAEConfig, dtype: torch.dtype, levers: Levers, budget: Bud
     """The first cut in order of preference whose count fits the budget (with `smaller` > 0, that
     many steps down to cuts of lower count after it: the retry after running out of memory), else
     the cut of least count, marked as not fitting. A tile size with no chunk that fits is passed
-    over after one count at its shortest chunk."""
+    over after one count at its shortest chunk; in a stream, where each tile keeps its own caches,
+    the walk stops at the first tile size that needs more than the one before."""
     options = candidates(mode, width, height, chunk, tile, image)
     peak = lambda o: count(config, dtype, levers, budget.direction, width, height, o, image, frames,  # noqa: E731
                            batch).peak(budget.direction, budget.cuda)
     least = None
     chosen = None
     shortest = options[-1].chunk
+    caches = mode == "stream" and not image
+    floor = None  # the previous tile size's count at the shortest chunk
     for i, o in enumerate(options):
-        if o.chunk != shortest and peak(replace(o, chunk=shortest)) > budget.bytes:
+        at_shortest = peak(replace(o, chunk=shortest))
+        if caches and o.chunk == options[0].chunk:
+            if floor is not None and at_shortest > floor:
+                break  # every tile keeps its caches, over the overlap: smaller tiles only need more
+            floor = at_shortest
+        if o.chunk != shortest and at_shortest > budget.bytes:
             continue  # this tile does not fit even at the shortest chunk
         n = peak(o)
         if least is None or n < least[1]:
