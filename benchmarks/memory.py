@@ -82,6 +82,36 @@ def budget_table(args) -> None:
                 print(f"| {norm} | {name} | {direction} | " + " | ".join(cells) + " |", flush=True)
 
 
+def choice_cost(args) -> None:
+    """CPU seconds to choose a cut at each size (count cache cleared first), and again (cached)."""
+    from cvae_cli.budget import _counted
+
+    dtype, gib = getattr(torch, args.dtype), float(args.cost)
+    for norm in args.norms.split(","):
+        fields = dict(norm=norm) if norm == "clip" else dict(norm="frame", encoder_attention="AttnBlock3DFix",
+                                                              decoder_attention="AttnBlock3DFix")
+        config = CausalVAEConfig(hidden_size=args.width, **fields)
+        for name in args.targets.split(","):
+            w, h = size(name)
+            for direction in ("encode", "decode"):
+                _counted.cache_clear()
+                policy = Policy(config, dtype, Levers(), Budget(int(gib * 2**30), direction, args.cuda))
+                wall, cpu = time.perf_counter(), time.process_time()
+                try:
+                    o = policy.choice(w, h).options
+                    chosen = f"{o.mode} chunk {o.chunk} tile {o.tile}"
+                except CvaeError:
+                    chosen = "does not fit"
+                counts = _counted.cache_info().misses
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                again = time.process_time()
+                if chosen != "does not fit":
+                    policy.choice(w, h)
+                again = time.process_time() - again
+                print(f"| {norm} | {name} | {direction} | {gib:g} | {chosen} | {counts} | {cpu:.2f} | "
+                      f"{cpu / counts:.2f} | {again * 1000:.1f} | {wall:.1f} |", flush=True)
+
+
 def size(text: str) -> tuple[int, int]:
     if text in TARGETS:
         return TARGETS[text]
@@ -103,7 +133,10 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", help="instead: the cut chosen under each budget (GiB, e.g. 8,24,80,140)")
     ap.add_argument("--norms", default="frame,clip", help="with --budgets: the norms to count")
     ap.add_argument("--cuda", action="store_true", help="with --budgets: add cuDNN's copies, as on a GPU")
+    ap.add_argument("--cost", help="instead: the CPU cost of choosing a cut under this budget (GiB)")
     args = ap.parse_args(argv)
+    if args.cost:
+        return choice_cost(args)
     if args.budgets:
         return budget_table(args)
 
