@@ -73,7 +73,9 @@ def exact_streaming(config: CausalVAEConfig) -> bool:
 
 def choose_options(config: CausalVAEConfig, width: int, height: int, mode: str = "auto",
                    chunk: int | None = None, tile: int | str | None = "auto", image: bool = False) -> StreamOptions:
-    """The cut for a frame size (and whether the input is one image), where the user left it open:
+    """The cut for a frame size (and whether the input is one image), where the user left it open,
+    by fixed sizes, for a caller without a memory budget; the commands choose by the exact count
+    against a budget instead (`budget.Policy`):
     mode `auto` streams a model that streams exactly and cuts any other (the released clip-norm
     checkpoints) as Open-Sora-Plan does, in 65-frame windows overlapping by one, with its 256-pixel
     tiles where a window's pixels exceed the chunk budget.
