@@ -593,6 +593,8 @@ def train(opts: TrainOptions, start: Start, dist=None, report: Report | None = N
         with trainer.dist.session(trainer.dist.device(opts.device)):
             return trainer.run()
     except RuntimeError as e:
-        if "out of memory" in str(e).lower():
+        from .budget import is_out_of_memory
+
+        if is_out_of_memory(e):
             raise CvaeError("out of memory: try --checkpointing, a smaller --size or --batch-size") from None
         raise
