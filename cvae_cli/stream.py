@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from . import interrupt
-from .accel import layout
 from .device import placement
 from .model import CausalVAE, CausalVAEConfig, StreamCache
 
@@ -266,7 +265,7 @@ def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]], option
                for frames, n in zip(clips, counters)]
 
     def step(x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        post = model.encode(layout(x, model), cache)
+        post = model.encode(x, cache)
         return torch.cat([post.mean, post.logvar], dim=1)
 
     seen = [0] * len(clips)
@@ -307,7 +306,7 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
                 yield z, last
 
     def step(z: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        return model.decode(layout(z, model), cache)
+        return model.decode(z, cache)
 
     seen = [0] * len(latents)
     tiler = Tiler(options.tile and options.tile // fs, fs, streaming=streaming)
