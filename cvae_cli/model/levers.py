@@ -92,6 +92,9 @@ def eager() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+BACKEND = "inductor"  # torch.compile's backend for the compile lever (tests trace with "aot_eager": no codegen)
+
+
 def compile_blocks(model: nn.Module, on: bool) -> None:
     """torch.compile every block of `model.blocks()` on its own (or undo it). With nn modules
     inlined, a block's weights are graph inputs: blocks of one shape share one graph."""
@@ -107,6 +110,6 @@ def compile_blocks(model: nn.Module, on: bool) -> None:
             config.inline_inbuilt_nn_modules = True
     for block in model.blocks():
         if on:
-            block.compile()
+            block.compile(backend=BACKEND, dynamic=False)
         else:
             block._compiled_call_impl = None

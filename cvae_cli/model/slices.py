@@ -33,14 +33,17 @@ def run(stage: nn.Module, h: torch.Tensor, cache: StreamCache | None) -> torch.T
 
 def sliced(part: nn.Module, leading: bool) -> list[bool]:
     """Which of `part.stages()` run in slices: the frame-local ones at the start (`leading`, the
-    encoder) if they reach past conv_in (slicing conv_in alone would gather its full-size output
-    anyway), or at the end (the decoder)."""
+    encoder) or at the end (the decoder), if more than one (conv_in or conv_out alone in slices
+    would gather its full-size input or output anyway)."""
     local = [frame_local(s) for s in part.stages()]
-    if leading:
-        n = local.index(False) if False in local else len(local)
-        return [i < n and n > 1 for i in range(len(local))]
-    n = len(local) - local[::-1].index(False) if False in local else 0
-    return [i >= n for i in range(len(local))]
+    if not leading:
+        return sliced_run(local[::-1])[::-1]
+    return sliced_run(local)
+
+
+def sliced_run(local: list[bool]) -> list[bool]:
+    n = local.index(False) if False in local else len(local)
+    return [i < n and n > 1 for i in range(len(local))]
 
 
 def in_slices(part: nn.Module, x: torch.Tensor, cache: StreamCache | None, elements: int | None,
