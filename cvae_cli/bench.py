@@ -10,6 +10,7 @@ names a file: nothing is downloaded. Frames are synthetic arrays (no video decod
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .atomic import atomic_path
 from .device import resolve
 from .errors import CvaeError
 from .model import CausalVAE, CausalVAEConfig, Levers, v1_1_0_config
@@ -258,3 +260,21 @@ def table(records: list[Record]) -> list[str]:
 def as_json(records: list[Record], options: BenchOptions, device: torch.device, dtype: torch.dtype) -> dict:
     return dict(setup=describe(options, device, dtype), options=asdict(options),
                 records=[asdict(r) for r in records])
+
+
+def bench(options: BenchOptions, json_path: Path | None = None, say=print) -> list[Record]:
+    """What `cvae bench` does: run, print the table (through `say`), write the JSON (all or nothing;
+    an existing file is refused before anything runs, not written over)."""
+    if json_path is not None and json_path.exists():
+        raise CvaeError(f"--json {json_path}: the file exists; remove it or name another")
+    if json_path is not None and not json_path.parent.is_dir():
+        raise CvaeError(f"--json {json_path}: no folder {json_path.parent}")
+    device, dtype = resolve(options.device, options.dtype)
+    records = run(options)
+    say("# " + describe(options, device, dtype))
+    for line in table(records):
+        say(line)
+    if json_path is not None:
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(json.dumps(as_json(records, options, device, dtype), indent=1) + "\n")
+    return records
