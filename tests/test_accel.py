@@ -133,8 +133,8 @@ def steps(model, x: torch.Tensor, z: torch.Tensor, graphs: list[int]) -> tuple[t
 
 
 def test_compiled_blocks_stream_like_plain_without_recompiling_after_two_chunks(model, monkeypatch):
-    """Each block compiles on its own (blocks of one shape share a graph); a stream's first and last
-    steps run eagerly, so graphs are made at the second step of each direction and never after.
+    """Each block compiles on its own; a stream's first and last steps run eagerly, so graphs are
+    made at the second step of each direction and never after.
     aot_eager traces as inductor would, without generating code."""
     monkeypatch.setattr(levers_module, "BACKEND", "aot_eager")
     torch._dynamo.reset()
@@ -152,8 +152,7 @@ def test_compiled_blocks_stream_like_plain_without_recompiling_after_two_chunks(
     assert enc[0] == 0 and enc[1] > 0 and enc[1:] == [enc[1]] * 3, graphs
     assert dec[0] == enc[1] and dec[1] > dec[0] and dec[1:] == [dec[1]] * 4, graphs
     assert graphs[9:] == [dec[1]] * 9, graphs
-    blocks = sum(1 for _ in fast.blocks())
-    assert graphs[-1] < blocks  # blocks of one shape share a graph
+    assert graphs[-1] <= sum(1 for _ in fast.blocks())  # at most one graph per block: none recompiled
     for fast_out, plain_out in zip((*got, *again), (*expected, *expected_again)):
         assert rel_err(fast_out, plain_out) < 1e-5
     torch._dynamo.reset()

@@ -316,7 +316,7 @@ def doubled_in_time(head: torch.Tensor, x: torch.Tensor, before: torch.Tensor, a
     """`head`, then x at twice the frame rate by linear interpolation, as trilinear `interpolate` by 2
     (align_corners=False) computes it: frame i gives 0.25 x[i-1] + 0.75 x[i], then 0.75 x[i] +
     0.25 x[i+1], with x[-1] = `before` and x[n] = `after`. Written into the output in place: no
-    window around x and no interpolated copy of it (at 720p, 1.3 GiB of a decode step's peak)."""
+    window around x and no interpolated copy of it."""
     b, c, n, h, w = x.shape
     k = head.shape[2]
     out = x.new_empty(b, c, k + 2 * n, h, w)

@@ -42,9 +42,11 @@ class Levers:
       Default: one 720p frame of the 128-channel level.
     fused_norm: GroupNorm + SiLU as one compiled kernel (statistics, then a single normalize-and-
       activate pass) instead of the norm, then a separate SiLU pass.
-    compile: torch.compile each block (resnet, attention, resampler, conv_in/out) on its own, so
-      blocks of one shape share a graph. A stream's first step and its last run eagerly: only the
-      steady steps in between are compiled, so nothing recompiles after a video's second chunk.
+    compile: torch.compile each block (resnet, attention, resampler, conv_in/out) on its own: small
+      graphs, each compiled once. Blocks of one shape share a graph where no `StreamCache` is
+      passed; a cache is keyed by layer, so a streaming block guards on its layers' identity and
+      gets its own graph. A stream's first step and its last run eagerly: only the steady steps in
+      between are compiled, so nothing recompiles after a video's second chunk.
     cudnn_benchmark: cuDNN times its algorithms for each new shape (CUDA only; a chunk's shape
       repeats for the whole video, so the search is paid once).
     """
@@ -97,17 +99,17 @@ BACKEND = "inductor"  # torch.compile's backend for the compile lever (tests tra
 
 def compile_blocks(model: nn.Module, on: bool) -> None:
     """torch.compile every block of `model.blocks()` on its own (or undo it). With nn modules
-    inlined, a block's weights are graph inputs: blocks of one shape share one graph."""
+    inlined, a block's weights are graph inputs, not constants of its graph."""
     config = torch._dynamo.config
     if on:
-        # one graph per block shape: ~20 in the released model, over the default limit of 8 per code object
+        # a graph per block (streaming) or per block shape: over the default limit of 8 per code object
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(config, name):
                 setattr(config, name, max(64, getattr(config, name)))
         if hasattr(config, "accumulated_cache_size_limit"):
             config.accumulated_cache_size_limit = max(512, config.accumulated_cache_size_limit)
-        if getattr(config, "inline_inbuilt_nn_modules", True) is False:  # torch < 2.5: weights as constants
-            config.inline_inbuilt_nn_modules = True
+        if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):  # before, weights were constants:
+            config.inline_inbuilt_nn_modules = True  # one graph per block, not per shape
     for block in model.blocks():
         if on:
             block.compile(backend=BACKEND, dynamic=False)
