@@ -54,3 +54,23 @@ def test_an_existing_json_is_not_written_over(tmp_path):
     assert out.read_text() == "mine"
     with pytest.raises(CvaeError, match="--size 12: expected WxH"):
         bench.parse_size("12")
+
+
+def test_the_command_writes_its_json_and_refuses_bad_options_in_one_line(tmp_path):
+    import subprocess
+
+    from conftest import REPO, cvae_process
+
+    out = tmp_path / "b.json"
+    args, env = cvae_process("bench", "--size", "32x32", "--frames", "1", "--repeat", "1", "--device", "cpu",
+                             "--json", out)
+    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = json.loads(out.read_text())["records"]
+    assert [(r["direction"], r["variant"]) for r in records] == [("encode", "default"), ("decode", "default")]
+    assert all(r["fps"] > 0 and r["gflop_per_frame"] > 0 and r["counted_gib"] > 0 for r in records)
+    assert "frames/s" in done.stdout
+    args, env = cvae_process("bench", "--size", "33x32", "--device", "cpu")
+    bad = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: --size 33x32: width and height must be multiples of 8"]
