@@ -102,10 +102,11 @@ def compile_blocks(model: nn.Module, on: bool) -> None:
     inlined, a block's weights are graph inputs, not constants of its graph."""
     config = torch._dynamo.config
     if on:
-        # a graph per block (streaming) or per block shape: over the default limit of 8 per code object
+        # a graph per block (streaming) or per block shape, kept per class's forward: the released
+        # decoder alone has 16 resnets; the default limit is 8 per code object
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(config, name):
-                setattr(config, name, max(64, getattr(config, name)))
+                setattr(config, name, max(128, getattr(config, name)))
         if hasattr(config, "accumulated_cache_size_limit"):
             config.accumulated_cache_size_limit = max(512, config.accumulated_cache_size_limit)
         if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):  # before, weights were constants:
