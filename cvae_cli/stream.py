@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from . import interrupt
-from .accel import layout
 from .device import placement
 from .model import CausalVAE, CausalVAEConfig, StreamCache
 
@@ -277,7 +276,7 @@ def lockstep(sources: list[Iterator[tuple[torch.Tensor, bool]]], tiler: Tiler,
 def encode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None], torch.Tensor]:
     """One step of encoding, a (tile of a) chunk of pixels to its moments (mean and logvar stacked)."""
     def step(x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        post = model.encode(layout(x, model), cache)
+        post = model.encode(x, cache)
         return torch.cat([post.mean, post.logvar], dim=1)
     return step
 
@@ -285,7 +284,7 @@ def encode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None]
 def decode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None], torch.Tensor]:
     """One step of decoding, a (tile of a) chunk of latents to pixels."""
     def step(z: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        return model.decode(layout(z, model), cache)
+        return model.decode(z, cache)
     return step
 
 
