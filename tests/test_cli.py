@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from cvae_cli import media, pipeline
 from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.latents import LatentFile
-from conftest import random_model, rel_err
+from conftest import REPO, random_model, rel_err
 
 runner = CliRunner()
 
@@ -545,7 +547,7 @@ def test_a_later_run_removes_what_a_killed_one_left_and_outputs_are_readable_by_
 
 
 def test_progress_in_a_log_is_a_line_every_few_seconds_of_frames_through_the_model(tmp_path, weights, monkeypatch):
-    from cvae_cli.cli import Output
+    from cvae_cli.cli.output import Output
 
     monkeypatch.setattr(Output, "every_s", 0.0)  # a line at every step
     make_video(tmp_path / "v.mp4", frames=13)
@@ -561,7 +563,7 @@ def test_progress_on_a_terminal_shows_rate_and_time_left_from_the_first_chunk():
     updates inside it: the bar must still show frames/s and the time left after one chunk."""
     from rich.progress import Progress
 
-    from cvae_cli.cli import BAR_COLUMNS
+    from cvae_cli.cli.output import BAR_COLUMNS
 
     now = [0.0]
     bar = Progress(*BAR_COLUMNS(), get_time=lambda: now[0], auto_refresh=False, disable=True)
@@ -597,3 +599,12 @@ def test_a_sample_does_not_depend_on_the_chunk(tmp_path, weights):
     assert rel_err(samples[1], samples[0]) < 1e-5 and rel_err(samples[2], samples[0]) < 1e-5
     assert cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / "mean.safetensors", "-w", weights).exit_code == 0
     assert rel_err(samples[0], LatentFile.open(tmp_path / "mean.safetensors").read()) > 1e-3  # it is a sample
+
+
+@pytest.mark.parametrize("entry", [["-m", "cvae_cli"], ["-m", "cvae_cli.cli"]])
+def test_every_way_of_running_the_cli_lists_every_command(entry):
+    """`python -m cvae_cli.cli` once listed neither train nor plot (its __main__ guard sat mid-file)."""
+    r = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    listed = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
+    assert {"inflate", "info", "encode", "decode", "reconstruct", "train", "plot"} <= listed
