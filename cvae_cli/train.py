@@ -552,7 +552,21 @@ class Trainer:
         self.report.begin(step, opts.steps)
         row_start, unreadable = time.perf_counter(), set()
         global_batch = opts.batch_size * dist.world
+        begun = saved = step
+
+        def stop_if_asked() -> None:
+            """Ctrl-C, SIGTERM: stop between steps, with the step the run is on saved."""
+            stop = interrupt.pending()
+            if stop is None:
+                return
+            if step != saved:
+                self._save_checkpoint(step, vae, optimizer, ema, disc, d_opt, sums)
+            outcome = (f"stopped at step {step}, saved in {self.out / CHECKPOINT}: run the same command again to resume"
+                       if step != begun else f"stopped at step {step}, before training on: nothing new to save")
+            raise interrupt.Interrupted(stop.reason, stop.status, outcome=outcome)
+
         for x, failures in batches:
+            stop_if_asked()  # asked while the batch loaded: not one step more
             for path, reason in failures:
                 if path not in unreadable:
                     unreadable.add(path)
@@ -584,12 +598,10 @@ class Trainer:
                     log.write(row)
                     self.report.row(row)
                 sums, row_start = {}, time.perf_counter()
-            if step % opts.save_every == 0 or step == opts.steps or interrupt.pending() is not None:
+            if step % opts.save_every == 0 or step == opts.steps:
                 self._save_checkpoint(step, vae, optimizer, ema, disc, d_opt, sums)
-            stop = interrupt.pending()
-            if stop is not None:  # Ctrl-C, SIGTERM: stopped at a saved step
-                raise interrupt.Interrupted(stop.reason, stop.status, outcome=(
-                    f"stopped at step {step}, saved in {self.out / CHECKPOINT}: run the same command again to resume"))
+                saved = step
+            stop_if_asked()
         if self.rank0:
             return self._finish(ema or vae, step)
         return self.out / FINAL

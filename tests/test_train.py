@@ -138,6 +138,21 @@ def test_a_stop_signal_saves_the_step_it_stops_on_and_the_run_resumes_from_there
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_asked_before_a_step_runs_no_step(tmp_path, tiny):
+    """Ctrl-C while a batch loads (minutes, for large clips) stops before computing it."""
+    from cvae_cli import interrupt
+    from cvae_cli.train import Report
+
+    try:
+        with pytest.raises(interrupt.Interrupted) as stop:
+            train(options(tmp_path / "run", [PHOTO], frames=1, steps=4), Start(config=str(tiny)),
+                  report=Report(begin=lambda step, total: interrupt.request("interrupted (SIGINT)", 130)))
+    finally:
+        interrupt.clear()
+    assert stop.value.outcome == "stopped at step 0, before training on: nothing new to save"
+    assert read_rows(tmp_path / "run" / "loss.csv") == [] and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
 def test_a_signal_to_the_whole_job_stops_it_at_a_step_with_data_workers_running(tmp_path, tiny):
     """A terminal's Ctrl-C, `timeout` and batch schedulers signal every process of the job, the
