@@ -6,10 +6,11 @@ frame each reconstructed frame matches best (time offset -2..+2).
 Runs each model the way `cvae reconstruct` does (streamed chunks, edges repeated to multiples of 8,
 fp32 on the CPU) but keeps the frames in memory, before any H.264 coding. Models:
 - the built-in small model, against the source;
-- a random SD VAE (SD's layout at a narrow width, GroupNorm affines perturbed), tail-inflated into
-  the built-in model's video layout, against the same SD VAE run frame by frame (what tail inflation
-  equals on a still): what the architecture alone does to edges and to time;
-- that random SD VAE on a flat grey clip: any structure at the edges then comes from the layers' padding.
+- the model's fixed temporal resampling alone, on a ramp of frame indices: the time alignment the
+  architecture gives before any weights (`--lag-only` prints just this);
+- the built-in model and a random SD VAE (SD's layout at a narrow width, GroupNorm affines
+  perturbed, tail-inflated) on a flat grey photo: any structure at the edges then comes from the
+  layers' padding, not from the picture.
 Prints markdown tables (benchmarks/README.md quotes them).
 """
 from __future__ import annotations
@@ -71,6 +72,20 @@ def offsets(recon: np.ndarray, ref: np.ndarray) -> list[int]:
     return best
 
 
+def resampling_lag(model, frames: int) -> list[float]:
+    """Source time each output frame shows through the model's fixed temporal resampling alone (a
+    ramp of frame indices down through the encoder's and up through the decoder's resampling
+    layers), minus its own index: the architecture's time alignment, free of any weights."""
+    from cvae_cli.model.layers import TimeDownsample2x, TimeUpsample2x
+
+    downs = [m for m in model.encoder.modules() if isinstance(m, TimeDownsample2x)]
+    ups = [m for m in model.decoder.modules() if isinstance(m, TimeUpsample2x)]
+    x = torch.arange(frames, dtype=torch.float64).view(1, 1, frames, 1, 1)
+    for layer in downs + ups:
+        x = layer(x)
+    return [float(v) - t for t, v in enumerate(x.flatten()[:frames])]
+
+
 def random_sd_vae(path: Path, width: int, seed: int = 0) -> Path:
     """SD's AutoencoderKL layout (4 levels, 2 resnets each, 4 latent channels) at a narrow width."""
     from diffusers import AutoencoderKL
@@ -107,6 +122,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=REPO / "weights" / "cvae-small.safetensors")
     ap.add_argument("--sd-width", type=int, default=32, help="channels of the random SD VAE's first level")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cvae-look"))
+    ap.add_argument("--lag-only", action="store_true", help="only the resampling's time alignment (instant)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -115,25 +131,45 @@ def main() -> None:
     print(f"{args.clip.name}: {len(frames)} frames of {src.shape[2]}x{src.shape[1]}")
 
     small = load_model(args.weights).eval()
+    lag = resampling_lag(small, len(frames))
+    print("time shown minus own index, through the fixed temporal resampling alone:",
+          " ".join(f"{v:+.2f}" for v in lag))
+    if args.lag_only:
+        return
     report("built-in small model, against the source", run(small, frames), src)
 
+    # Flat grey in: whatever structure comes out along the edges is the layers' own doing (zero
+    # padding, the right/bottom-only padding of SD's stride-2 downsampling), not the picture's.
     from cvae_cli.inflate import inflate
 
     sd = random_sd_vae(args.work / "random-sd.safetensors", args.sd_width)
-    layout = small.config.to_dict()
     torch.manual_seed(0)
-    video = inflate(sd, init="tail", arch=type(small.config).from_dict(layout)).eval()
     still = inflate(sd, init="tail", arch=type(small.config).from_dict(
-        {**layout, "encoder_temporal_downsample": [""] * 4, "decoder_temporal_upsample": [""] * 4})).eval()
-    per_frame = run(still, frames)
-    report("random SD VAE, tail-inflated, against the same SD VAE frame by frame", run(video, frames), per_frame)
-    report("random SD VAE frame by frame, against the source", per_frame, src)
-    grey = [np.full_like(frames[0], 128) for _ in frames[:9]]
-    flat = run(still, grey)
-    print("\nrandom SD VAE on a flat grey clip: mean |output - interior mean| per band")
-    centre = bands(flat)["interior"].astype(np.float64).mean((0, 1, 2))
-    for band, x in bands(flat).items():
-        print(f"| {band} | {np.abs(x.astype(np.float64) - centre).mean():.2f} |")
+        {**small.config.to_dict(), "encoder_temporal_downsample": [""] * 4, "decoder_temporal_upsample": [""] * 4}))
+    grey = [np.full_like(frames[0], 128)]
+    print("\nflat grey photo in: mean |output - the output's interior mean| per band, 0-255")
+    print("| model | " + " | ".join(bands(src)) + " |\n|---|" + "---|" * len(bands(src)))
+    for name, model in (("built-in small model", small), ("random SD VAE", still.eval())):
+        flat = run(model, grey).astype(np.float64)
+        centre = bands(flat)["interior"].mean((0, 1, 2))
+        print(f"| {name} | " + " | ".join(f"{np.abs(x - centre).mean():.2f}" for x in bands(flat).values()) + " |")
+    try:  # the same random SD VAE through diffusers' own AutoencoderKL: the original code
+        from diffusers import AutoencoderKL
+        from safetensors.torch import load_file
+    except ImportError:
+        return
+    w = args.sd_width
+    ref = AutoencoderKL(block_out_channels=(w, 2 * w, 2 * w, 2 * w), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                        norm_num_groups=32).eval()
+    ref.load_state_dict(load_file(sd))
+    x = torch.from_numpy(grey[0]).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+    y = ref.decode(ref.encode(x).latent_dist.mode()).sample[0].clamp(-1, 1).add(1).mul(127.5).round()
+    y = y.byte().permute(1, 2, 0).numpy()[None].astype(np.float64)
+    centre = bands(y)["interior"].mean((0, 1, 2))
+    print("| random SD VAE, diffusers' AutoencoderKL | "
+          + " | ".join(f"{np.abs(v - centre).mean():.2f}" for v in bands(y).values()) + " |")
+    print(f"cvae against diffusers on it: largest difference {np.abs(run(still, grey) - y).max():.0f} of 255")
 
 
 if __name__ == "__main__":
