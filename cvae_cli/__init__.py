@@ -1,24 +1,27 @@
 """cvae: Open-Sora-Plan's causal video VAE as a library and a command-line tool.
 
-The model imports eagerly; file-level pieces (media, latents, checkpoints) load on first use so
-that `from cvae_cli import CausalVAE` needs nothing but torch.
+The model and `inflate` import eagerly; file-level pieces (media, latents, checkpoints, ...) load on
+first use. Every public name means one thing: `cvae_cli.inflate` is the function, whichever
+submodule was imported before (Python binds a submodule to its package's attribute when it is
+first imported, so a lazily looked-up function of the same name would lose to the module).
 """
 from importlib import import_module
 
 from .errors import CvaeError
+from .inflate import inflate  # after `import .inflate` has bound the module here, so the function wins
 from .model import CausalVAE, CausalVAEConfig, DiagonalGaussian, StreamCache
 
 _LAZY = {
-    "inflate": "inflate", "load_model": "checkpoints", "save_model": "checkpoints",
+    "load_model": "checkpoints", "save_model": "checkpoints",
     "LatentFile": "latents", "LatentMeta": "latents", "LatentWriter": "latents",
     "StreamOptions": "stream", "choose_options": "stream", "encode_frames": "stream", "decode_latents": "stream",
     "open_media": "media", "MediaFile": "media", "MediaInfo": "media",
     "encode_file": "pipeline", "encode_many": "pipeline", "decode_file": "pipeline", "reconstruct_file": "pipeline",
     "Selection": "pipeline", "read_manifest": "dataset", "run_manifest": "dataset", "Dist": "distributed",
-    "psnr": "metrics", "ssim": "metrics",
+    "psnr": "metrics", "ssim": "metrics", "LatentDataset": "loader",
 }
 
-__all__ = ["CausalVAE", "CausalVAEConfig", "CvaeError", "DiagonalGaussian", "StreamCache", *_LAZY]
+__all__ = ["CausalVAE", "CausalVAEConfig", "CvaeError", "DiagonalGaussian", "StreamCache", "inflate", *_LAZY]
 
 
 def __getattr__(name: str):

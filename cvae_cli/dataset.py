@@ -1,37 +1,42 @@
-"""Whole datasets: manifests, planning who encodes what, resumable runs, the summary.
+"""Whole datasets: planning who encodes what, resumable runs, the summary.
 
-A manifest lists clips; every clip's output mirrors its path relative to the manifest's folder
-under `out_dir` (`videos/a/b.mp4` -> `OUT/videos/a/b.safetensors`). A run is resumable because
-outputs appear atomically (`latents.LatentWriter`): an output that opens as a latent file is
-complete and is skipped; anything else is (re)done. Stale temporary files of a killed run are
-removed by the rank that owns the output before it touches it (`atomic.remove_stale`). Run one
-job per output folder at a time.
+Rows of a manifest (`manifest`) become samples (`samples`: a row, or clips cut from it, each in its
+size bucket). Each sample becomes a latent file that mirrors its row's path under `out_dir`
+(`videos/a/b.mp4` -> `OUT/videos/a/b.safetensors`, a clip `OUT/videos/a/b_000016.safetensors`),
+or, with shards, a sample in a WebDataset tar shard (`shards`). A run is resumable because
+outputs appear atomically: a per-file output that opens as a latent file is complete and is
+skipped, and so is a sample in a finished shard; anything else is (re)done. Stale temporary files
+of a killed run are removed before anything is written. Run one job per output folder at a time.
 
 Many processes (`distributed.Dist`, under torchrun): every rank reads the whole manifest, surveys
-a strided share of it (is the output complete? how many frames?), and the surveys are exchanged,
-so every rank computes the same plan: `split` assigns pending clips greedily, longest first, to
-the least-loaded rank (LPT), ties broken by manifest order and rank number, so the split is
-deterministic and balanced by frame count. Frame counts come from the container header (minus
-`start`, or `end - start` when the manifest gives `end`, scaled by a manifest `fps`); a clip whose
-header says nothing is estimated from its file size at the mean bytes-per-frame of the others.
+a strided share of its rows (their samples, which need a look into the file for clips and
+buckets; is each output complete? how many frames?), and the surveys are exchanged, so every rank
+computes the same plan: `split` assigns pending samples greedily, longest first, to the
+least-loaded rank (LPT), ties broken by manifest order and rank number, so the split is
+deterministic and balanced by frame count. Frame counts come from the container
+(`samples.video_length`); a file whose length nothing tells is estimated from its size at the
+mean bytes-per-frame of the others.
 
-A clip that fails on its own (`pipeline.per_input`: unreadable, truncated, out of memory) is
+A sample that fails on its own (`pipeline.per_input`: unreadable, truncated, out of memory) is
 appended, as it happens, to `OUT/.cvae/failures.rank-R.jsonl` (so an interrupted run leaves a
 record) and the run goes on; any other failure ends the run (and, through `Dist.session`, every
-rank). At the end rank 0 gathers all failures into `OUT/failures.jsonl` and the totals into
-`OUT/summary.json` (both written atomically) and removes the per-rank logs.
+rank). Rows or clips too short for `--clip-frames` are left out and listed in `OUT/skipped.jsonl`.
+At the end rank 0 gathers all failures into `OUT/failures.jsonl`, the totals into
+`OUT/summary.json` and, with shards, every sample's place into `OUT/index.jsonl` (all written
+atomically), and removes the per-rank logs.
 """
 from __future__ import annotations
 
-import csv
+import contextlib
 import datetime
 import heapq
 import json
 import os
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from . import media
@@ -39,142 +44,14 @@ from .atomic import atomic_path, remove_stale
 from .distributed import Dist
 from .errors import CvaeError, describe
 from .latents import LatentFile
+from .manifest import SUFFIX, Clip, mirror, read_manifest  # noqa: F401 (public names of this module)
 from .outputs import refuse_unsafe
 from .pipeline import Options, ProgressFactory, Selection, encode_many
+from .samples import ClipReaders, Cutting, Left, Sample, check_keys, row_samples
+from .shards import FORMAT as SHARDS_FORMAT
 
-SUFFIX = ".safetensors"
 RUN_DIR = ".cvae"  # per-rank live failure logs, under out_dir
-_FIELDS = ("path", "start", "end", "fps", "size", "output")
 _DEFAULT_BYTES_PER_FRAME = 20_000  # only when no clip of the manifest says how long it is
-
-
-# --- manifests -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Clip:
-    """One manifest entry: a source file, the frames wanted, and its output path under out_dir."""
-
-    path: Path  # the source, resolved against the manifest's folder
-    output: PurePosixPath  # relative to out_dir
-    start: int | None = None
-    end: int | None = None
-    fps: float | None = None
-    size: tuple[int, int] | None = None  # (width, height)
-    line: int = 0  # in the manifest, for messages
-
-    def selection(self, base: Selection = Selection()) -> Selection:
-        """`base` (the command line's options) with this clip's own fields on top."""
-        given = {k: getattr(self, k) for k in ("start", "end", "fps", "size") if getattr(self, k) is not None}
-        return replace(base, **given)
-
-    def record(self) -> dict:
-        out = {"path": str(self.path), "output": str(self.output), "line": self.line}
-        out.update({k: getattr(self, k) for k in ("start", "end", "fps") if getattr(self, k) is not None})
-        if self.size:
-            out["size"] = f"{self.size[0]}x{self.size[1]}"
-        return out
-
-
-def read_manifest(path: str | os.PathLike) -> list[Clip]:
-    """Clips from a .txt (one path a line; blank lines and `#` comments skipped), a .csv (header
-    with a `path` column) or a .jsonl (an object a line with a `path` key). Optional per-clip
-    fields: `start`, `end` (frame indices, end exclusive), `fps`, `size` (WxH), `output` (a path
-    under out_dir). Exact duplicates are dropped; two clips writing one output are an error."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise CvaeError(f"cannot read manifest {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise CvaeError(f"manifest {path} is not UTF-8 text") from None
-    kind = path.suffix.lower()
-    if kind == ".csv":
-        rows = _csv_rows(path, text)
-    elif kind in (".jsonl", ".ndjson"):
-        rows = _jsonl_rows(path, text)
-    else:
-        rows = ((n, {"path": line.strip()}) for n, line in enumerate(text.splitlines(), 1)
-                if line.strip() and not line.lstrip().startswith("#"))
-    base = Path(os.path.abspath(path.parent))
-    clips, seen = [], {}
-    for n, row in rows:
-        clip = _clip(row, base, f"{path}:{n}", n)
-        other = seen.get(clip.output)
-        if other is not None:
-            if replace(other, line=0) == replace(clip, line=0):
-                continue
-            raise CvaeError(f"{path}: lines {other.line} and {n} both write {clip.output} "
-                            "(give them an `output` column)")
-        seen[clip.output] = clip
-        clips.append(clip)
-    if not clips:
-        raise CvaeError(f"manifest {path} lists no clips")
-    return clips
-
-
-def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
-        raise CvaeError(f"manifest {path}: the CSV header needs a `path` column (got {reader.fieldnames})")
-    for row in reader:
-        yield reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-
-
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise CvaeError(f"{path}:{n}: not JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise CvaeError(f"{path}:{n}: expected a JSON object with a `path` key")
-        yield n, row
-
-
-def _clip(row: dict, base: Path, where: str, line: int) -> Clip:
-    def get(key):
-        v = row.get(key)
-        return None if v is None or v == "" else v
-
-    src = get("path")
-    if not isinstance(src, str):
-        raise CvaeError(f"{where}: no `path`")
-    src_path = Path(os.path.normpath(base / os.path.expanduser(src)))
-    try:
-        start = None if get("start") is None else int(get("start"))
-        end = None if get("end") is None else int(get("end"))
-        fps = None if get("fps") is None else float(get("fps"))
-    except (TypeError, ValueError):
-        raise CvaeError(f"{where}: start and end must be whole numbers and fps a number") from None
-    if (start is not None and start < 0) or (end is not None and end <= (start or 0)) or (fps is not None and fps <= 0):
-        raise CvaeError(f"{where}: bad selection start={start} end={end} fps={fps}")
-    size = get("size")
-    if size is not None:
-        try:
-            w, h = (size if isinstance(size, (list, tuple)) else str(size).lower().split("x"))
-            size = (int(w), int(h))
-            if min(size) < 1:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise CvaeError(f"{where}: size {size!r}: expected WxH, e.g. 640x360") from None
-    output = get("output")
-    if output is not None:
-        out = PurePosixPath(str(output).replace(os.sep, "/"))
-        if out.is_absolute() or ".." in out.parts or not out.name:
-            raise CvaeError(f"{where}: output {output!r} must be a relative path inside --out-dir")
-    else:
-        out = PurePosixPath(mirror(src_path, base)).with_suffix(SUFFIX)
-    return Clip(src_path, out, start, end, fps, size, line)
-
-
-def mirror(src: Path, base: Path) -> str:
-    """`src` relative to `base`; a path outside `base` keeps its whole absolute path (anchor dropped)."""
-    rel = os.path.relpath(src, base) if os.path.splitdrive(str(src))[0] == os.path.splitdrive(str(base))[0] else ".."
-    if rel == ".." or rel.startswith(".." + os.sep):
-        rel = str(Path(*src.parts[1:]))
-    return rel.replace(os.sep, "/")
 
 
 # --- completeness ------------------------------------------------------------------------------
@@ -193,12 +70,12 @@ def is_complete(dst: Path) -> bool:
 # --- planning ---------------------------------------------------------------------------------
 
 def estimate_frames(clip: Clip) -> int | None:
-    """The frames a clip will yield, from its selection and the container's claim (None: unknown)."""
+    """The frames a row will yield, from its selection and the video's length (`media`; None: unknown)."""
     if clip.end is not None and clip.fps is None:
         return clip.end - (clip.start or 0)
     try:
         return clip.selection().expected_frames(media.probe(clip.path))
-    except Exception:  # planning only: the clip's own run says what is wrong with it
+    except Exception:  # planning only: the row's own run says what is wrong with it
         return None
 
 
@@ -217,42 +94,58 @@ def split(weights: Sequence[float], world: int) -> list[int]:
 
 @dataclass
 class Plan:
-    """Who does what: for each clip, whether its output is already complete and which rank owns it."""
+    """Who does what: every sample, whether it is already complete and which rank owns it, and the
+    rows left out (too short for --clip-frames)."""
 
-    clips: list[Clip]
+    samples: list[Sample]
     out_dir: Path
     complete: list[bool]
     owner: list[int]
-    frames: list[float]  # estimates (planning only; empty lists of 0 in one-process runs)
+    frames: list[float]  # estimates (planning only; 0 in one-process runs)
     world: int = 1
+    left: list[Left] = field(default_factory=list)
+    shards: bool = False
+
+    @property
+    def clips(self) -> list[Clip]:
+        return [s.row for s in self.samples]
 
     def output(self, i: int) -> Path:
-        return self.out_dir / Path(*self.clips[i].output.parts)
+        """The per-file output of sample `i`."""
+        return self.out_dir / Path(*self.samples[i].output.parts)
 
     def mine(self, rank: int) -> list[int]:
         return [i for i, r in enumerate(self.owner) if r == rank]
 
     def missing(self) -> int:
-        """Inputs still to encode that are not there: each will fail."""
-        return sum(1 for i, clip in enumerate(self.clips) if not self.complete[i] and not clip.path.is_file())
+        """Samples still to encode whose input is not there: each will fail."""
+        return sum(1 for i, s in enumerate(self.samples) if not self.complete[i] and not s.row.path.is_file())
 
     def lines(self) -> Iterator[str]:
-        """Dry-run listing: what each clip will be, and the inputs that are missing."""
+        """Dry-run listing: what each sample will be, the inputs that are missing, the rows left out."""
         missing = 0
-        for i, clip in enumerate(self.clips):
+        for i, sample in enumerate(self.samples):
+            clip = sample.row
             who = f" [rank {self.owner[i]}]" if self.world > 1 else ""
+            where = f"sample {sample.key}" if self.shards else str(self.output(i))
             if self.complete[i]:
-                yield f"skip    {self.output(i)} (complete){who}"
+                yield f"skip    {where} (complete){who}"
             elif not clip.path.is_file():
                 missing += 1
                 yield f"missing {clip.path} (line {clip.line}): it will fail{who}"
             else:
                 sel = clip.record()
-                extra = ", ".join(f"{k} {sel[k]}" for k in ("start", "end", "fps", "size") if k in sel)
-                yield f"encode  {clip.path} -> {self.output(i)}{f' ({extra})' if extra else ''}{who}"
+                if sample.start is not None:
+                    sel.update(start=sample.start, end=sample.end)
+                if sample.bucket is not None:
+                    sel["bucket"] = f"{sample.bucket[0]}x{sample.bucket[1]}"
+                extra = ", ".join(f"{k} {sel[k]}" for k in ("start", "end", "fps", "size", "bucket") if k in sel)
+                yield f"encode  {clip.path} -> {where}{f' ({extra})' if extra else ''}{who}"
+        for left in self.left:
+            yield f"leave   {left.reason} (line {left.row.line})"
         pending = self.complete.count(False) - missing
-        yield (f"{pending} to encode, {len(self.clips) - pending - missing} complete, {missing} missing, "
-               f"{self.world} process(es)")
+        yield (f"{pending} to encode, {len(self.samples) - pending - missing} complete, {missing} missing, "
+               f"{len(self.left)} left out, {self.world} process(es)")
         if self.world > 1:
             loads = [0.0] * self.world
             for i, r in enumerate(self.owner):
@@ -260,45 +153,70 @@ class Plan:
             yield "estimated frames per rank: " + ", ".join(f"{r}: {round(x)}" for r, x in enumerate(loads))
 
 
-def make_plan(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), overwrite: bool = False) -> Plan:
-    """Survey a strided share per rank, exchange the surveys, and split the pending clips.
-    CvaeError when an output would be one of the manifest's inputs."""
+def _survey_row(row: Clip, index: int, out_dir: Path, cutting: Cutting, select: Selection, world: int,
+                done: set[str] | None, overwrite: bool):
+    """One row's samples, left-out reason, completeness, frame estimates and file size."""
+    info = None
+    if cutting.needs_media or world > 1:
+        try:
+            info = media.probe(row.path)
+        except CvaeError:
+            pass  # the sample's own encode reports it
+    samples, left = row_samples(row, index, info, cutting, select)
+    if done is None:
+        complete = [not overwrite and is_complete(out_dir / Path(*s.output.parts)) for s in samples]
+    else:
+        complete = [s.key in done for s in samples]
+    frames = [s.frames if s.frames is not None or world == 1 or info is not None else estimate_frames(row)
+              for s in samples]
+    size = 0
+    if world > 1 and None in frames:
+        try:
+            size = row.path.stat().st_size
+        except OSError:
+            pass
+    return samples, left, complete, frames, size
+
+
+def make_plan(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), overwrite: bool = False, *,
+              cutting: Cutting = Cutting(), select: Selection = Selection(), done: set[str] | None = None) -> Plan:
+    """Survey a strided share of the rows per rank, exchange the surveys, and split the pending
+    samples. `done`: the keys already in finished shards (shards), or None (per-file outputs,
+    complete when they open). CvaeError when two samples would share an output or a key, or an
+    output would be one of the manifest's inputs."""
     out_dir = Path(out_dir)
-    refuse_unsafe([(clip.path, out_dir / Path(*clip.output.parts)) for clip in clips])
-    survey = {}
-    for i in range(dist.rank, len(clips), dist.world):
-        dst = out_dir / Path(*clips[i].output.parts)
-        done = not overwrite and is_complete(dst)
-        frames = None if done or dist.world == 1 else estimate_frames(clips[i])
-        size = 0
-        if frames is None and not done and dist.world > 1:
-            try:
-                size = clips[i].path.stat().st_size
-            except OSError:
-                pass
-        survey[i] = (done, frames, size)
+    survey = {i: _survey_row(clips[i], i, out_dir, cutting, select, dist.world, done, overwrite)
+              for i in range(dist.rank, len(clips), dist.world)}
     if dist.world > 1:
         survey = {k: v for part in dist.gather(survey) for k, v in part.items()}
-    complete = [survey[i][0] for i in range(len(clips))]
-    known = [(f, s) for d, f, s in survey.values() if f is not None and s]
-    bytes_per_frame = (sum(s for _, s in known) / sum(f for f, _ in known)) if known else _DEFAULT_BYTES_PER_FRAME
-    frames = [0.0 if d else float(f if f is not None else max(1.0, s / bytes_per_frame))
-              for d, f, s in (survey[i] for i in range(len(clips)))]
-    pending = [i for i in range(len(clips)) if not complete[i]]
-    owner = [i % dist.world for i in range(len(clips))]  # complete ones: whoever surveyed them
+    rows = [survey[i] for i in range(len(clips))]
+    samples = [s for r in rows for s in r[0]]
+    check_keys(samples, keys=done is not None)
+    if done is None:
+        refuse_unsafe([(s.row.path, out_dir / Path(*s.output.parts)) for s in samples])
+    complete = [c for r in rows for c in r[2]]
+    guesses = [(f, r[4]) for r in rows for f in r[3]]
+    known = [(f, b) for f, b in guesses if f is not None and b]
+    bytes_per_frame = (sum(b for _, b in known) / sum(f for f, _ in known)) if known else _DEFAULT_BYTES_PER_FRAME
+    frames = [0.0 if c else float(f if f is not None else max(1.0, b / bytes_per_frame))
+              for c, (f, b) in zip(complete, guesses)]
+    pending = [i for i in range(len(samples)) if not complete[i]]
+    owner = [i % dist.world for i in range(len(samples))]  # complete ones: anyone
     for i, r in zip(pending, split([frames[i] for i in pending], dist.world)):
         owner[i] = r
-    return Plan(clips, out_dir, complete, owner, frames, dist.world)
+    left = [r[1] for r in rows if r[1] is not None]
+    return Plan(samples, out_dir, complete, owner, frames, dist.world, left, shards=done is not None)
 
 
 # --- running ----------------------------------------------------------------------------------
 
 @dataclass
 class Summary:
-    clips: int = 0  # handled by this rank (or all, once merged)
+    clips: int = 0  # samples handled by this rank (or all, once merged)
     done: int = 0
-    skipped: int = 0
+    skipped: int = 0  # complete already
     failed: int = 0
+    too_short: int = 0  # rows or clips left out: fewer frames than --clip-frames
     frames: int = 0  # encoded by this run
     seconds: float = 0.0  # wall time (the slowest rank's, once merged)
     world_size: int = 1
@@ -315,18 +233,29 @@ class Summary:
         return out
 
     def line(self) -> str:
-        return (f"{self.done} done, {self.skipped} skipped, {self.failed} failed; {self.frames} frames "
+        short = f", {self.too_short} too short" if self.too_short else ""
+        return (f"{self.done} done, {self.skipped} skipped, {self.failed} failed{short}; {self.frames} frames "
                 f"in {self.seconds:.1f} s ({self.frames_per_s:.1f} frames/s)"
                 + (f" on {self.world_size} processes" if self.world_size > 1 else ""))
 
     @classmethod
-    def merge(cls, parts: Sequence[Summary]) -> Summary:
+    def merge(cls, parts: Sequence[Summary], left: int = 0) -> Summary:
         return cls(clips=sum(p.clips for p in parts), done=sum(p.done for p in parts),
                    skipped=sum(p.skipped for p in parts), failed=sum(p.failed for p in parts),
+                   too_short=left + sum(p.too_short for p in parts),
                    frames=sum(p.frames for p in parts), seconds=max((p.seconds for p in parts), default=0.0),
                    world_size=len(parts),
                    ranks=[{"rank": r, **{k: v for k, v in p.to_json().items() if k not in ("ranks", "world_size")}}
                           for r, p in enumerate(parts)])
+
+
+@dataclass
+class Outcome:
+    """What one rank's run made: its summary, failures and samples left out."""
+
+    summary: Summary
+    failures: list[dict] = field(default_factory=list)
+    left: list[dict] = field(default_factory=list)
 
 
 Note = Callable[[str], None]
@@ -348,12 +277,13 @@ class _FailureLog:
         except OSError:
             pass
 
-    def add(self, clip: Clip, error: BaseException | str) -> None:
+    def add(self, sample: Sample, error: BaseException | str) -> None:
         error = error if isinstance(error, str) else describe(error)
-        record = {**clip.record(), "error": error, "rank": self.rank,
+        record = {**sample.record(), "error": error, "rank": self.rank,
                   "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         self.records.append(record)
-        self.note(f"failed {error}" if str(clip.path) in error else f"failed {clip.path}: {error}")
+        path = sample.row.path
+        self.note(f"failed {error}" if str(path) in error else f"failed {path}: {error}")
         try:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,23 +301,53 @@ class _FailureLog:
             self._file.close()
 
 
+def index_row(shard: str, position: int, key: str, meta: dict, sample: Sample | None) -> dict:
+    """A sample's line in index.jsonl; `sample` is None for one the manifest no longer lists."""
+    return {"key": key, "shard": shard, "position": position,
+            "row": None if sample is None else sample.index, "line": None if sample is None else sample.row.line,
+            "clip": None if sample is None else sample.clip, "start": meta.get("start"), "end": meta.get("end"),
+            "frames": (meta.get("end") or 0) - (meta.get("start") or 0), "latent_shape": meta.get("latent_shape"),
+            "bucket": meta.get("bucket")}
+
+
+def _work_dir(out_dir: Path, rank: int) -> Path:
+    """Where a rank's latents wait to go into a shard; emptied at the start of its run."""
+    work = Path(out_dir) / RUN_DIR / f"work.rank-{rank}"
+    if work.is_dir():
+        for p in work.iterdir():
+            p.unlink(missing_ok=True)
+    return work
+
+
 def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(), *, rank: int = 0,
              seed: int | None = None, save_logvar: bool = False, overwrite: bool = False, batch_size: int = 1,
-             note: Note | None = None, progress: ProgressFactory | None = None) -> tuple[Summary, list[dict]]:
-    """Encode this rank's share of `plan`, `batch_size` clips of one model size at a time. A clip
-    that fails on its own is recorded and the run goes on (`pipeline.per_input`); anything else
-    raises. Returns this rank's summary and failures."""
+             shard_size: int = 1000, note: Note | None = None,
+             progress: ProgressFactory | None = None) -> Outcome:
+    """Encode this rank's share of `plan`, `batch_size` samples of one model size at a time, into
+    per-file outputs or (`plan.shards`) this rank's shards. A sample that fails on its own is
+    recorded and the run goes on (`pipeline.per_input`); anything else raises."""
     from .checkpoints import model_id
+    from .shards import ShardWriter
 
     note = note or (lambda message: None)
     want_id = model_id(model)
     summary = Summary(world_size=1)
+    left: list[dict] = []
     t0 = time.perf_counter()
-    with _FailureLog(plan.out_dir, rank, note) as log:
+    work = _work_dir(plan.out_dir, rank) if plan.shards else None
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(_FailureLog(plan.out_dir, rank, note))
+        writer = stack.enter_context(ShardWriter(plan.out_dir, rank, shard_size)) if plan.shards else None
         pending = []
         for i in plan.mine(rank):
-            clip, dst = plan.clips[i], plan.output(i)
             summary.clips += 1
+            if plan.shards:
+                if plan.complete[i]:
+                    summary.skipped += 1
+                else:
+                    pending.append(i)
+                continue
+            sample, dst = plan.samples[i], plan.output(i)
             remove_stale(dst)
             if not plan.complete[i] or overwrite:
                 pending.append(i)
@@ -396,42 +356,76 @@ def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(
                 with LatentFile.open(dst) as done:
                     made_by = done.meta.model_id
             except CvaeError as e:
-                log.add(clip, e)
+                log.add(sample, e)
                 continue
             if made_by != want_id:
-                log.add(clip, f"{dst} exists but was encoded with weights {made_by}, not {want_id} "
-                              "(use --overwrite or another --out-dir)")
+                log.add(sample, f"{dst} exists but was encoded with weights {made_by}, not {want_id} "
+                                "(use --overwrite or another --out-dir)")
             else:
                 summary.skipped += 1
 
-        jobs = [(plan.clips[i].path, plan.output(i), plan.clips[i].selection(select)) for i in pending]
+        def destination(i: int) -> Path:
+            return work / f"{plan.samples[i].key}{SUFFIX}" if plan.shards else plan.output(i)
+
+        readers = stack.enter_context(ClipReaders([plan.samples[i] for i in pending], select))
+        jobs = [(readers.opener(plan.samples[i]), destination(i), plan.samples[i].selection(select)) for i in pending]
         started = time.perf_counter()
         for k, outcome in encode_many(model, jobs, options, batch_size=batch_size, seed=seed,
                                       save_logvar=save_logvar, progress=progress):
-            clip, dst = plan.clips[pending[k]], jobs[k][1]
+            sample, dst = plan.samples[pending[k]], jobs[k][1]
             if isinstance(outcome, BaseException):
-                log.add(clip, outcome)
+                log.add(sample, outcome)
                 continue
+            if sample.start is not None and outcome.frames < sample.end - sample.start:
+                dst.unlink(missing_ok=True)  # the video ended before the clip did: a shorter tail
+                left.append({**sample.record(), "reason": f"{sample.row.path}: the video ended after "
+                             f"{outcome.frames} of the clip's {sample.end - sample.start} frames"})
+                summary.too_short += 1
+                note(f"left out {sample.key}: {left[-1]['reason']}")
+                continue
+            if writer is not None:
+                with LatentFile.open(dst) as latent:
+                    meta = sample.meta(latent.meta, latent.shape, select)
+                writer.add(sample.key, dst, meta)
+                dst.unlink()
+                where = f"{sample.row.path} -> {sample.key}"
+            else:
+                where = f"{sample.row.path} -> {dst}"
             summary.done += 1
             summary.frames += outcome.frames
             rate = summary.frames / max(time.perf_counter() - started, 1e-9)
-            note(f"done {clip.path} -> {dst} ({outcome.frames} frames, {rate:.1f} frames/s)")
+            note(f"done {where} ({outcome.frames} frames, {rate:.1f} frames/s)")
         summary.failed = len(log.records)
         failures = log.records
     summary.seconds = time.perf_counter() - t0
-    return summary, failures
+    if work is not None:
+        with contextlib.suppress(OSError):
+            work.rmdir()
+    return Outcome(summary, failures, left)
 
 
-def finish(dist: Dist, out_dir: Path, summary: Summary, failures: list[dict]) -> Summary:
-    """Gather every rank's summary and failures; rank 0 writes failures.jsonl and summary.json
-    (atomically) and removes the per-rank logs. Returns the merged summary on every rank."""
-    parts = dist.gather((summary, failures))
-    total = Summary.merge([p[0] for p in parts])
+def finish(dist: Dist, out_dir: Path, outcome: Outcome, plan: Plan | None = None) -> Summary:
+    """Gather every rank's outcome; rank 0 writes failures.jsonl, skipped.jsonl, summary.json and,
+    with shards, index.jsonl (every sample of every finished shard, one shard at a time), all
+    atomically, and removes the per-rank logs. Returns the merged summary on every rank."""
+    from . import shards
+
+    parts = dist.gather(outcome)
+    planned = [] if plan is None else [left.record() for left in plan.left]
+    total = Summary.merge([p.summary for p in parts], left=len(planned))
     if dist.rank == 0:
         out_dir = Path(out_dir)
-        every = sorted((f for p in parts for f in p[1]), key=lambda f: f.get("line", 0))
+        every = sorted((f for p in parts for f in p.failures), key=lambda f: f.get("line", 0))
         with atomic_path(out_dir / "failures.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(f) + "\n" for f in every), encoding="utf-8")
+        skipped = sorted(planned + [r for p in parts for r in p.left], key=lambda f: f.get("line", 0))
+        if skipped or (out_dir / "skipped.jsonl").exists():
+            with atomic_path(out_dir / "skipped.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(f) + "\n" for f in skipped), encoding="utf-8")
+        if plan is not None and plan.shards:
+            by_key = {s.key: s for s in plan.samples}
+            shards.write_index(out_dir, (index_row(shard, position, key, meta, by_key.get(key))
+                                         for shard, position, key, meta in shards.iter_samples(out_dir)))
         with atomic_path(out_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(total.to_json(), indent=1) + "\n", encoding="utf-8")
         for p in (out_dir / RUN_DIR).glob("failures.rank-*.jsonl"):
@@ -443,18 +437,86 @@ def finish(dist: Dist, out_dir: Path, summary: Summary, failures: list[dict]) ->
     return total
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """`--shards`: WebDataset tar shards of at most `size` samples instead of one file a sample."""
+
+    size: int = 1000
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise CvaeError(f"--shard-size {self.size}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a dataset is laid out: how rows become samples, and shards (None: a file a sample)."""
+
+    cutting: Cutting = Cutting()
+    sharding: Sharding | None = None
+
+
+def settings(model_identity: str, cutting: Cutting, select: Selection, seed: int | None,
+             save_logvar: bool) -> dict:
+    """What shards record about how they were made (`shards.json`): a run with other settings is
+    refused, since its samples would not match the ones already there."""
+    chosen = {k: getattr(select, k) for k in ("start", "end", "fps", "size", "max_side", "allow_partial")}
+    chosen["size"] = None if chosen["size"] is None else f"{chosen['size'][0]}x{chosen['size'][1]}"
+    return json.loads(json.dumps({"format": SHARDS_FORMAT, "weights": model_identity, "cutting": cutting.to_json(),
+                                  "selection": chosen, "sample_seed": seed, "save_logvar": save_logvar}))
+
+
+def prepare(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), *, cutting: Cutting = Cutting(),
+            select: Selection = Selection(), sharding: Sharding | None = None, overwrite: bool = False,
+            made_with: dict | None = None) -> Plan:
+    """The plan for this job; with shards, a sample is complete when a finished shard holds its
+    key. With shards and `made_with` (the run's `settings`; None for a dry run, which changes
+    nothing), rank 0 first refuses an out_dir whose shards were made otherwise (unless
+    `overwrite`, which removes them), removes unfinished shards and records the settings; then
+    every rank lists its share of the finished shards (a damaged one is renamed aside, so that its
+    samples are redone)."""
+    from . import shards
+
+    out_dir = Path(out_dir)
+    if sharding is None:
+        return make_plan(clips, out_dir, dist, overwrite, cutting=cutting, select=select)
+    if dist.rank == 0 and made_with is not None:
+        wipe = shards.check_settings(out_dir, made_with, overwrite)
+        if wipe:
+            shards.clear(out_dir)
+        shards.remove_temporaries(out_dir)
+        for work in (out_dir / RUN_DIR).glob("work.rank-*"):  # latents a killed run left, any world size's
+            shutil.rmtree(work, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shards.write_settings(out_dir, made_with)
+    dist.barrier("rank 0 to check the output folder")
+    listing = shards.Listing()
+    if not (overwrite and made_with is None):
+        listing = shards.list_shards(out_dir, dist.rank, dist.world, rename=made_with is not None)
+    if dist.world > 1:
+        parts, listing = dist.gather(listing), shards.Listing()
+        for part in parts:
+            listing.merge(part)
+    return make_plan(clips, out_dir, dist, overwrite, cutting=cutting, select=select, done=set(listing.keys))
+
+
 def run_manifest(model, clips: list[Clip], out_dir: Path, options: Options, select: Selection = Selection(), *,
                  dist: Dist | None = None, seed: int | None = None, save_logvar: bool = False,
-                 overwrite: bool = False, batch_size: int = 1, note: Note | None = None,
+                 overwrite: bool = False, batch_size: int = 1, cutting: Cutting = Cutting(),
+                 sharding: Sharding | None = None, note: Note | None = None,
                  progress: ProgressFactory | None = None) -> Summary:
     """The whole dataset job for this process: plan, encode this rank's share, gather the summary
     (`dist` already started, or one process)."""
+    from .checkpoints import model_id
+
     dist = dist or Dist()
-    plan = make_plan(clips, out_dir, dist, overwrite)
-    summary, failures = run_plan(model, plan, options, select, rank=dist.rank, seed=seed,
-                                 save_logvar=save_logvar, overwrite=overwrite, batch_size=batch_size, note=note,
-                                 progress=progress)
-    return finish(dist, out_dir, summary, failures)
+    made_with = None if sharding is None else settings(model_id(model), cutting, select, seed, save_logvar)
+    plan = prepare(clips, out_dir, dist, cutting=cutting, select=select, sharding=sharding,
+                   overwrite=overwrite, made_with=made_with)
+    outcome = run_plan(model, plan, options, select, rank=dist.rank, seed=seed, save_logvar=save_logvar,
+                       overwrite=overwrite, batch_size=batch_size,
+                       shard_size=sharding.size if sharding is not None else 1000, note=note, progress=progress)
+    return finish(dist, out_dir, outcome, plan)
 
 
 def line_writer(rank: int, world: int, stream=None) -> Note:

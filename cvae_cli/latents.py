@@ -303,6 +303,40 @@ def _open_safetensors(path: Path):
         raise CvaeError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+class _InMemory:
+    """A safetensors file's bytes, answering what `LatentFile` asks of a `safe_open` handle."""
+
+    def __init__(self, data: bytes, where: str):
+        try:
+            from safetensors.torch import load
+
+            self._tensors = load(bytes(data))
+            (size,) = struct.unpack("<Q", data[:8])
+            self._metadata = json.loads(bytes(data[8:8 + size])).get("__metadata__")
+        except Exception as e:  # SafetensorError, struct.error, ValueError: say what was found
+            raise CvaeError(f"{where} is not a readable safetensors file: {e}") from None
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._metadata
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def get_slice(self, name: str) -> "_TensorSlice":
+        return _TensorSlice(self._tensors[name])
+
+
+class _TensorSlice:
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.tensor[index]
+
+
 class LatentFile:
     """An opened latent file: metadata and shapes are read and checked against each other on
     opening, tensors on request, from the same memory map. Pass it along rather than its path."""
@@ -316,7 +350,16 @@ class LatentFile:
         """CvaeError unless `path` is a cvae latent file whose tensors have the shape its
         metadata describes (a file that says 96x128 but holds 80x80 latents is refused)."""
         path = Path(path)
-        f = _open_safetensors(path)
+        return cls._checked(path, _open_safetensors(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "latent file") -> LatentFile:
+        """A latent file held in memory (a member of a tar shard), checked as `open` checks a file;
+        `where` names it in messages."""
+        return cls._checked(Path(where), _InMemory(data, where))
+
+    @classmethod
+    def _checked(cls, path: Path, f) -> LatentFile:
         meta = LatentMeta.from_metadata(f.metadata(), where=str(path))
         keys = set(f.keys())
         if "latent" not in keys:

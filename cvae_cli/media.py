@@ -28,8 +28,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".
 # What VideoWriter writes, by suffix: (container format, codec). H.264 4:2:0 needs even sides, VP9 does not.
 VIDEO_FORMATS = {".mp4": ("mp4", "libx264"), ".mov": ("mov", "libx264"), ".mkv": ("matroska", "libx264"),
                  ".webm": ("webm", "libvpx-vp9")}
-# Pillow opens these, but they are animations: they go through PyAV as videos.
-_PIL_ANIMATION_FORMATS = frozenset({"GIF", "FLI"})
+# Pillow opens these, but they are animations, or (MPEG: a raw MPEG-1/2 video stream, .m2v) videos
+# whose header Pillow reads and whose pixels it cannot: they go through PyAV as videos.
+_PIL_ANIMATION_FORMATS = frozenset({"GIF", "FLI", "MPEG"})
 # Container tag holding the size the caller asked for when VideoWriter padded an odd size to even.
 _SIZE_TAG = "cvae_size"
 _REORDER_WINDOW = 8
@@ -41,8 +42,9 @@ _RESAMPLE = Image.Resampling.LANCZOS
 
 @dataclass(frozen=True)
 class MediaInfo:
-    """What a file holds. `frame_count` is the container's claim (None if it has none): headers lie
-    (opencv's tree.avi claims 444 frames, 68 decode), so use it for progress bars, not for logic."""
+    """What a file holds. `frame_count` is the video's length in frames, found as `_length` says
+    (`frames_from` tells how: "container", "packets" or "duration"); None when nothing tells. A
+    damaged file may still decode fewer: the corruption rule in `MediaFile.frames` decides that."""
 
     path: str
     width: int  # as displayed, after rotation
@@ -53,6 +55,8 @@ class MediaInfo:
     rotation: int = 0  # degrees counter-clockwise applied to the stored pixels (0, 90, 180, 270)
     time_base: Fraction | None = None  # the unit of the video's timestamps; None for stills
     codec: str | None = None  # the video codec (h264, vp9, ...), or the image format (PNG, JPEG, ...)
+    frames_from: str | None = None  # how frame_count was found (see `_length`); None for stills
+    claimed_frames: int | None = None  # the container's own claim, when it makes one (it may lie)
 
 
 def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -94,6 +98,7 @@ class MediaFile:
         with self._stack:
             self._container, self._stream = self._stack.enter_context(_open_video(self.path))
             self._decoder = _Decoder(self.path, self._container, self._stream)
+            self._stack.callback(self._release)  # runs before the container closes
             first = next(self._decoder.frames)
             self._decoded = itertools.chain([first], self._decoder.frames)
             self._crop = _crop_size(self._container, first)
@@ -103,15 +108,20 @@ class MediaFile:
                 w, h = h, w
             stream = self._stream
             fps = stream.average_rate or stream.guessed_rate or None
-            self.info = MediaInfo(str(self.path), w, h, Fraction(fps) if fps else None, stream.frames or None, False,
+            fps = Fraction(fps) if fps else None
+            count, found = _length(self.path, self._container, stream, fps)
+            self.info = MediaInfo(str(self.path), w, h, fps, count, False,
                                   rotation, Fraction(stream.time_base) if stream.time_base else None,
-                                  codec=stream.codec_context.name)
+                                  codec=stream.codec_context.name, frames_from=found,
+                                  claimed_frames=stream.frames or None)
             self._stack = self._stack.pop_all()
 
     def frames(self, *, start: int = 0, end: int | None = None, fps=None, size: tuple[int, int] | None = None,
-               allow_partial: bool = False, times: list | None = None) -> Iterator[np.ndarray]:
+               allow_partial: bool = False, times: list | None = None,
+               box: tuple[float, float, float, float] | None = None) -> Iterator[np.ndarray]:
         """Yield upright RGB frames [start, end) (indices after resampling to `fps` when given),
-        resized to `size` = (W, H) when given. A still image yields one frame (index 0). A list
+        resized to `size` = (W, H) when given; `box` = (left, top, right, bottom), in upright
+        pixels, is the region resized to `size` (a crop in the same resampling step). A still image yields one frame (index 0). A list
         passed as `times` receives each yielded frame's presentation time, in seconds from the
         first one (a variable frame rate's real times; k/fps after resampling). Once per file.
 
@@ -128,11 +138,11 @@ class MediaFile:
             selected = start == 0 and (end is None or end > 0)
             if selected and times is not None:
                 times.append(Fraction(0))
-            return iter([_resize(_load_image(self.path), size)] if selected else [])
+            return iter([_resize(_load_image(self.path), size, box)] if selected else [])
         self._decoder.allow_partial = allow_partial
-        return self._video_frames(start, end, fps, size, times)
+        return self._video_frames(start, end, fps, size, times, box)
 
-    def _video_frames(self, start, end, fps, size, times: list | None) -> Iterator[np.ndarray]:
+    def _video_frames(self, start, end, fps, size, times: list | None, box=None) -> Iterator[np.ndarray]:
         with self:
             if end is not None and end <= start:
                 return
@@ -151,12 +161,20 @@ class MediaFile:
                 if frame is last_frame:  # a repeat from resampling: same pixels, own buffer
                     yield last_array.copy()
                     continue
-                array = _to_rgb(frame, self._crop, size)
+                array = _to_rgb(frame, self._crop, size, box)
                 last_frame, last_array = frame, array
                 yield array
 
     def close(self) -> None:
         self._stack.close()
+
+    def _release(self) -> None:
+        """Free the decoder now. Its generator and the decoder refer to each other, so otherwise only
+        the garbage collector frees them, in whichever process it runs: in a DataLoader worker
+        forked later, freeing the codec context waits forever for decoder threads that stayed behind."""
+        self._decoded = None
+        self._decoder.frames.close()
+        self._decoder = self._container = self._stream = None
 
     def __enter__(self) -> "MediaFile":
         return self
@@ -404,6 +422,46 @@ def _open_video(p: Path):
         container.close()
 
 
+def _length(p: Path, container, stream, fps: Fraction | None) -> tuple[int | None, str | None]:
+    """The number of frames, and how it was found. Many containers state no length (MPEG program
+    and transport streams, y4m, Matroska, raw streams: PyAV says 0) and some state a wrong one
+    (opencv's tree.avi claims 444 frames where its index lists, and its decoder gives, 68). So the
+    claim is trusted only where the container's own index lists exactly as many frames (mp4/mov,
+    a sound avi); otherwise the video's packets are counted by demuxing the file once more, without
+    decoding (a frame a packet: exact for what the demuxer sees, and cheap: reading, no decoding).
+    Only where no packet can be read is the length estimated, from the claim, else duration x rate."""
+    claim = stream.frames
+    if claim > 0 and len(stream.index_entries) == claim:
+        return claim, "container"
+    counted = _count_packets(p, stream.index)
+    if counted:
+        return counted, "packets"
+    if claim > 0:
+        return claim, "container"
+    if stream.duration and stream.time_base:
+        seconds = stream.duration * stream.time_base
+    elif container.duration:
+        seconds = Fraction(container.duration, av.time_base)
+    else:
+        return None, None
+    return (max(1, round(seconds * fps)), "duration") if fps else (None, None)
+
+
+def _count_packets(p: Path, index: int) -> int:
+    """Video packets with data in the stream at `index`, read from a fresh opening of the file (the
+    caller's container keeps its place); on damage, the packets before it."""
+    count = 0
+    try:
+        with av.open(str(p), metadata_errors="replace") as container:
+            stream = container.streams[index]
+            for packet in container.demux(stream):
+                if packet.size and not packet.is_discard:
+                    count += 1
+    except (av.error.FFmpegError, OSError):
+        pass
+    return count
+
+
 class _Decoder:
     """Decoded frames in display order (`frames`); raises per the corruption rule in
     `MediaFile.frames`, whose `allow_partial` may be set after the first frame was taken."""
@@ -504,20 +562,21 @@ def _quarter_turns(frame) -> int:
     return round(frame.rotation / 90) % 4
 
 
-def _to_rgb(frame, crop, size) -> np.ndarray:
+def _to_rgb(frame, crop, size, box=None) -> np.ndarray:
     array = frame.to_ndarray(format="rgb24", src_color_range=frame.color_range)
     if crop:
         array = array[: crop[1], : crop[0]]
     turns = _quarter_turns(frame)
     if turns:
         array = np.rot90(array, turns)
-    return _resize(np.ascontiguousarray(array), size)
+    return _resize(np.ascontiguousarray(array), size, box)
 
 
-def _resize(array: np.ndarray, size) -> np.ndarray:
-    if size is None or (array.shape[1], array.shape[0]) == tuple(size):
+def _resize(array: np.ndarray, size, box=None) -> np.ndarray:
+    whole = (0, 0, array.shape[1], array.shape[0])
+    if size is None or ((array.shape[1], array.shape[0]) == tuple(size) and (box is None or tuple(box) == whole)):
         return array
     w, h = (int(x) for x in size)
     if w < 1 or h < 1:
         raise ValueError(f"bad size {size}")
-    return np.array(Image.fromarray(array).resize((w, h), _RESAMPLE))
+    return np.array(Image.fromarray(array).resize((w, h), _RESAMPLE, box=None if box is None else tuple(box)))

@@ -6,22 +6,61 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import CvaeError
 
 
+OWN_OUTPUTS = (".recon", ".decoded")  # what decode and reconstruct add to an output's name
+
+
 def expand(patterns: Iterable[str]) -> list[Path]:
     """Paths from command-line inputs: a glob that names no existing file is expanded (sorted); one
-    that matches nothing is an error. Plain paths pass through (a missing one is the job's error)."""
+    that matches nothing is an error. Plain paths pass through (a missing one is the job's error).
+    A glob leaves out cvae's own outputs (`X.recon.png`, `X.decoded.mp4`), so that running a command
+    again does not take the first run's outputs as new inputs; named by hand, they are inputs."""
     paths: list[Path] = []
     for item in patterns:
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) and not Path(item).exists() else [item]
-        if not matches:
-            raise CvaeError(f"no file matches {item}")
+        if glob.has_magic(item) and not Path(item).exists():
+            found = sorted(glob.glob(item))
+            matches = [m for m in found if not is_own_output(Path(m))]
+            if not matches:
+                raise CvaeError(f"no file matches {item}" + (" but cvae's own outputs" if found else ""))
+        else:
+            matches = [item]
         paths += [Path(m) for m in matches]
     return paths
+
+
+def is_own_output(path: Path) -> bool:
+    """Whether a file's name is one decode or reconstruct gives its outputs (`X.recon.png`)."""
+    return Path(path.stem).suffix.lower() in OWN_OUTPUTS
+
+
+MIN_FREE_BYTES = 1 << 20  # a folder with less room than this is full for any output of ours
+
+
+def check_writable(path: Path) -> None:
+    """CvaeError unless a file can be created at `path` now: its folder (or the nearest one that
+    exists, where the folders will be made) is a writable folder with room left. Checked before the
+    work starts, so minutes of compute are not thrown away on a read-only or full disk."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CvaeError(f"cannot write {path}: {folder} is not a folder")
+    try:  # a real file, as the output's temporary one will be: root, read-only mounts, ACLs all answer
+        fd, probe = tempfile.mkstemp(prefix=".cvae-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CvaeError(f"cannot write {path}: {folder} is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise CvaeError(f"cannot write {path}: the disk holding {folder} is full ({free} bytes free)")
 
 
 def name_outputs(inputs: list[Path], output: Path | None, out_dir: Path | None,

@@ -27,14 +27,14 @@ from . import media
 from .errors import CvaeError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".ogv", ".m4v", ".mpg", ".mpeg",
-                            ".gif", ".flv", ".wmv"})
+                            ".gif", ".flv", ".wmv", ".y4m", ".ts", ".m2ts", ".mts", ".vob", ".m2v"})
 MANIFEST_SUFFIXES = frozenset({".txt", ".csv", ".jsonl", ".ndjson"})
 _MAX_TRIES = 16  # sources tried for one sample before the run is declared out of readable data
 
 
 @dataclass(frozen=True)
 class Source:
-    """One readable file: its size and (for a video) the frame count its container claims."""
+    """One readable file: its size and (for a video) its length (`media.MediaInfo.frame_count`)."""
 
     path: Path
     width: int
@@ -74,7 +74,7 @@ class Survey:
 def list_files(entries: Sequence[str | os.PathLike]) -> list[Path]:
     """Media files named by folders (searched recursively by suffix), globs, single files, and the
     manifests `cvae encode --manifest` reads (.txt, .csv, .jsonl); duplicates dropped, order kept."""
-    from .dataset import read_manifest
+    from .manifest import read_manifest
 
     found: list[Path] = []
     for entry in map(str, entries):

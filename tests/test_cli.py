@@ -608,3 +608,177 @@ def test_every_way_of_running_the_cli_lists_every_command(entry):
     assert r.returncode == 0, r.stderr
     listed = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
     assert {"inflate", "info", "encode", "decode", "reconstruct", "train", "plot"} <= listed
+
+
+# --- issue 21: real media, values that mean nothing, work never thrown away --------------------
+
+def real_photo(tmp_path: Path, name: str = "coffee.png", size: tuple[int, int] | None = (48, 32)) -> Path:
+    """scikit-image's bundled photo (real pixels nobody here made), small so the tiny model is quick."""
+    skimage = pytest.importorskip("skimage")
+    from PIL import Image
+
+    photo = Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB")
+    if size:
+        photo = photo.resize(size, Image.LANCZOS)
+    photo.save(tmp_path / "photo.png")
+    return tmp_path / "photo.png"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "10:5"], "no frames selected"), (["--frames", "0:0"], "no frames selected"),
+    (["--frames", "-5:"], "count from 0"), (["--fps", "0"], "above 0"), (["--fps", "-1"], "above 0"),
+    (["--size", "0x0"], "at least 1 pixel"), (["--max-side", "-5"], "at least 1 pixel"),
+    (["--max-side", "0"], "at least 1 pixel"), (["--crf", "99"], "H.264 (.mp4, .mov, .mkv) takes 0 (lossless) to 51"),
+    (["--crf", "-1"], "takes 0"), (["--dtype", "float17"], "--dtype float17"),
+])
+def test_values_that_mean_nothing_are_refused_in_one_line_even_when_the_output_exists(tmp_path, weights, args, message):
+    """Checked before the output is looked at: an existing output used to make these a silent skip."""
+    (tmp_path / "clip.recon.mp4").write_bytes(b"an earlier run")
+    r = cvae("reconstruct", REPO / "examples" / "cockatoo.mp4", "-o", tmp_path / "clip.recon.mp4", "-w", weights, *args)
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert (tmp_path / "clip.recon.mp4").read_bytes() == b"an earlier run"
+
+
+def test_crf_follows_the_codec_of_the_output(tmp_path, weights):
+    r = cvae("decode", tmp_path / "z.safetensors", "-o", tmp_path / "a.webm", "--crf", "64", "-w", weights)
+    assert r.exit_code == 1 and "VP9 (.webm) takes 0 (lossless) to 63" in r.output
+    r = cvae("decode", tmp_path / "z.safetensors", "-o", tmp_path / "a.webm", "--crf", "60", "-w", weights)
+    assert "--crf" not in r.output and "no such file" in r.output  # 60 is within VP9's scale
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_without_cuda_is_refused_even_when_the_output_exists(tmp_path, weights):
+    (tmp_path / "clip.safetensors").write_bytes(b"an earlier run")
+    r = cvae("encode", REPO / "examples" / "cockatoo.mp4", "-o", tmp_path / "clip.safetensors", "--device", "cuda")
+    assert r.exit_code == 1 and "no CUDA GPU" in r.output and "skip" not in r.output
+
+
+def test_fp16_on_the_cpu_warns_and_fast_on_the_cpu_is_off_with_no_recompile_noise(tmp_path, weights):
+    photo = real_photo(tmp_path)
+    r = cvae("reconstruct", photo, "-w", weights, "--dtype", "float16", "--device", "cpu", "--dry-run")
+    assert "about 20x slower" in r.output
+    r = cvae("reconstruct", photo, "-o", tmp_path / "fast.png", "-w", weights, "--fast", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "--fast does nothing on the CPU" in r.output and "recompil" not in r.output.lower() and "dynamo" not in r.output
+
+
+def test_an_empty_selection_of_a_real_clip_is_refused_with_no_output_and_no_nan(tmp_path, weights):
+    """`--frames 100:200` of the 41-frame example clip selects nothing: one line, exit 1, no file
+    (it printed `PSNR nan dB`, `wrote ... (0 frames)`, exit 0, and `"psnr": NaN` in the JSON)."""
+    r = cvae("reconstruct", REPO / "examples" / "cockatoo.mp4", "-o", tmp_path / "out.mp4", "-w", weights,
+             "--frames", "100:200", "--size", "32x32", "--metrics-json", tmp_path / "m.json")
+    assert r.exit_code == 1 and "no frames selected" in r.output and "nan" not in r.output.lower(), r.output
+    assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_a_tiny_real_image_reconstructs_with_psnr_and_no_ssim(tmp_path, weights):
+    """Images under 11 px encode and decode; SSIM's window does not fit them, so it is left out."""
+    photo = real_photo(tmp_path, size=(10, 7))
+    r = cvae("reconstruct", photo, "-o", tmp_path / "out.png", "-w", weights, "--metrics-json", tmp_path / "m.json")
+    assert r.exit_code == 0, r.output
+    assert "SSIM n/a" in r.output and media.probe(tmp_path / "out.png").width == 10
+    scores = json.loads((tmp_path / "m.json").read_text())[str(photo)]
+    assert scores["frames"] == 1 and scores["ssim"] is None and 0 < scores["psnr"] < 60
+
+
+def test_psnr_says_it_scores_frames_before_the_video_encoder(tmp_path, weights):
+    r = cvae("reconstruct", REPO / "examples" / "cockatoo.mp4", "-o", tmp_path / "out.mp4", "-w", weights,
+             "--frames", "0:5", "--size", "32x32")
+    assert r.exit_code == 0 and "before H.264 encoding" in r.output, r.output
+
+
+def test_scoring_that_fails_keeps_the_written_output(tmp_path, weights, monkeypatch):
+    """The output is written first; a scoring failure (here: made to run out of memory) is a warning."""
+    def out_of_memory(*_):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 26902481760 bytes")
+
+    monkeypatch.setattr(pipeline.FrameMetrics, "add", out_of_memory)
+    photo = real_photo(tmp_path)
+    r = cvae("reconstruct", photo, "-o", tmp_path / "out.png", "-w", weights, "--metrics-json", tmp_path / "m.json")
+    assert r.exit_code == 0, r.output
+    assert "no scores (DefaultCPUAllocator" in r.output and "the output was written" in r.output
+    assert media.probe(tmp_path / "out.png").width == 48
+
+
+def test_no_metrics_writes_the_reconstruction_only(tmp_path, weights, monkeypatch):
+    monkeypatch.setattr(pipeline.FrameMetrics, "add", lambda *_: pytest.fail("scored with --no-metrics"))
+    photo = real_photo(tmp_path)
+    r = cvae("reconstruct", photo, "-o", tmp_path / "out.png", "-w", weights, "--no-metrics")
+    assert r.exit_code == 0 and "PSNR" not in r.output and (tmp_path / "out.png").exists(), r.output
+    r = cvae("reconstruct", photo, "-w", weights, "--no-metrics", "--metrics-json", tmp_path / "m.json")
+    assert r.exit_code == 1 and "choose one" in r.output
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, weights):
+    photo = real_photo(tmp_path)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    r = cvae("reconstruct", photo, "-o", tmp_path / "blocker" / "out.png", "-w", weights)
+    assert r.exit_code == 1 and "is not a folder" in r.output and "PSNR" not in r.output, r.output
+
+
+def test_check_writable_finds_read_only_and_full_folders(tmp_path, monkeypatch):
+    from cvae_cli import outputs
+    from cvae_cli.errors import CvaeError
+
+    outputs.check_writable(tmp_path / "new" / "deeper" / "x.png")  # folders to be made: their parent decides
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        probe = ro / "probe"
+        try:
+            probe.write_text("")
+            probe.unlink()
+            writable_anyway = True  # root ignores the mode bits
+        except OSError:
+            writable_anyway = False
+        if not writable_anyway:
+            with pytest.raises(CvaeError, match="is not writable"):
+                outputs.check_writable(ro / "x.png")
+    finally:
+        ro.chmod(0o755)
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda _: type("U", (), {"free": 4096})())
+    with pytest.raises(CvaeError, match="is full"):
+        outputs.check_writable(tmp_path / "x.png")
+
+
+def test_a_glob_run_again_leaves_out_its_own_outputs(tmp_path, weights, monkeypatch):
+    """`cvae reconstruct '*.png'` twice: the second run must not take photo.recon.png as an input."""
+    real_photo(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cvae("reconstruct", "*.png", "-w", weights, "--no-metrics").exit_code == 0
+    assert (tmp_path / "photo.recon.png").exists()
+    r = cvae("reconstruct", "*.png", "-w", weights, "--no-metrics")
+    assert r.exit_code == 0 and "skip photo.recon.png exists" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "photo.recon.png"]
+    r = cvae("reconstruct", "*.recon.png", "-w", weights)
+    assert r.exit_code == 1 and "no file matches *.recon.png but cvae's own outputs" in r.output
+
+
+def test_info_goes_on_past_a_bad_file(tmp_path):
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    r = cvae("info", tmp_path / "missing.mp4", tmp_path / "bad.mp4", REPO / "examples" / "cockatoo.mp4")
+    assert r.exit_code == 1
+    assert "no such file" in r.output and "bad.mp4" in r.output and "cockatoo.mp4: video, 456x256" in r.output
+
+
+def test_dry_run_prints_its_plan_on_stdout(tmp_path):
+    """As `encode --manifest --dry-run` does: the plan is the command's output, messages go to stderr."""
+    photo = real_photo(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "cvae_cli", "reconstruct", str(photo), "--dry-run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{photo} -> {tmp_path / 'photo.recon.png'}" and "->" not in done.stderr
+
+
+def test_log_lines_give_the_time_left(capsys):
+    from cvae_cli.cli.output import Output
+
+    out = Output()
+    out.every_s = 0
+    with out.progress("reconstructing x.mp4", 40) as advance:
+        advance(10)
+    line = capsys.readouterr().err
+    assert "reconstructing x.mp4: 10/40 frames" in line and " left" in line

@@ -69,7 +69,6 @@ def test_manifest_formats_fields_and_mirrored_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("name, text, message", [
-    ("dup.txt", "a.mp4\na.mkv\n", "both write a.safetensors"),
     ("bad.csv", "file\na.mp4\n", "`path` column"),
     ("bad.jsonl", '{"path": "a.mp4", "end": "x"}\n', "bad.jsonl:1"),
     ("range.csv", "path,start,end\na.mp4,5,3\n", "bad selection"),
@@ -81,6 +80,23 @@ def test_bad_manifests_are_one_clear_error(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(CvaeError, match=message.replace("(", r"\(")):
         dataset.read_manifest(tmp_path / name)
+
+
+def test_two_rows_on_one_output_are_refused_before_work(tmp_path):
+    (tmp_path / "dup.txt").write_text("a.mp4\na.mkv\n")
+    with pytest.raises(CvaeError, match="lines 1 and 2 both write a.safetensors"):
+        dataset.make_plan(dataset.read_manifest(tmp_path / "dup.txt"), tmp_path / "out")
+
+
+def test_every_column_is_kept_as_written(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"path": "v.mp4", "caption": "a bird", "score": 0.5, "tags": ["x"]}\n'
+                                      '{"path": "v.mp4", "caption": "a bird", "score": 0.5, "tags": ["x"]}\n'
+                                      '{"path": "v.mp4", "caption": "another", "start": 4}\n')
+    one, two = dataset.read_manifest(tmp_path / "m.jsonl")  # the exact duplicate dropped
+    assert one.columns == {"path": "v.mp4", "caption": "a bird", "score": 0.5, "tags": ["x"]}
+    assert two.columns == {"path": "v.mp4", "caption": "another", "start": 4} and two.start == 4
+    (tmp_path / "m.csv").write_text("path,caption,end\nv.mp4, a cat ,9\n")
+    assert dataset.read_manifest(tmp_path / "m.csv")[0].columns == {"path": "v.mp4", "caption": "a cat", "end": "9"}
 
 
 def test_split_is_deterministic_balanced_and_complete():

@@ -1,12 +1,32 @@
 """PSNR/SSIM against hand computation and scikit-image (when installed)."""
+
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from cvae_cli import metrics
 from cvae_cli.errors import CvaeError
 from cvae_cli.metrics import FrameMetrics, frames_to_tensor, psnr, ssim
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small float64 ops on many threads crawl on a busy machine (17 s against 0.3 s here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def frames(n=2, h=40, w=52, seed=0):
@@ -84,3 +104,88 @@ def test_frame_metrics_accumulates():
     assert m.mean_psnr == pytest.approx(psnr(ref, test).mean().item())
     assert m.mean_ssim == pytest.approx(ssim(ref, test).mean().item())
     assert m.summary()["frames"] == 3
+
+
+# --- real photos, in bounded memory ------------------------------------------------------------
+
+def real_pair(name="astronaut.png", quality=25):
+    """A scikit-image photo and its JPEG at low quality: a real image and a realistic distortion."""
+    skimage = pytest.importorskip("skimage")
+    from io import BytesIO
+
+    from PIL import Image
+
+    photo = Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB")
+    buffer = BytesIO()
+    photo.save(buffer, format="JPEG", quality=quality)
+    return np.array(photo), np.array(Image.open(buffer).convert("RGB"))
+
+
+def whole_frame_ssim(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """The SSIM before it went by strips: the whole frame through two convolutions at once."""
+    x, y = ref.double(), test.double()
+    x, y = x[0].unsqueeze(1), y[0].unsqueeze(1)
+    g = torch.exp(-0.5 * ((torch.arange(11, dtype=torch.float64) - 5) / 1.5) ** 2)
+    g = g / g.sum()
+    stats = torch.cat([x, y, x * x, y * y, x * y])
+    mx, my, mxx, myy, mxy = F.conv2d(F.conv2d(stats, g.view(1, 1, 11, 1)), g.view(1, 1, 1, 11)).chunk(5)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * (mxy - mx * my) + c2)) / ((mx * mx + my * my + c1) * (mxx - mx * mx + myy - my * my + c2))
+    return s.mean(dim=(1, 2, 3)).mean()
+
+
+def test_strips_equal_the_whole_frame_and_scikit_image_on_a_real_photo(monkeypatch):
+    skm = pytest.importorskip("skimage.metrics")
+    ref, test = real_pair("coffee.png")
+    a, b = frames_to_tensor(ref), frames_to_tensor(test)
+    whole_ssim = whole_frame_ssim(a, b).item()
+    whole_psnr = 10 * math.log10(255**2 / np.mean((ref.astype(np.float64) - test) ** 2))
+    for pixels, rows in [(2**20, 1), (3000, 7)]:  # one strip, many strips
+        monkeypatch.setattr(metrics, "STRIP_PIXELS", pixels)
+        monkeypatch.setattr(metrics, "STRIP_ROWS", rows)
+        assert ssim(a, b).item() == pytest.approx(whole_ssim, abs=1e-13)
+        assert psnr(a, b).item() == pytest.approx(whole_psnr, abs=1e-11)
+    want = skm.structural_similarity(ref, test, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     channel_axis=-1, data_range=255)
+    assert ssim(a, b).item() == pytest.approx(want, abs=1e-12)
+    assert psnr(a, b).item() == pytest.approx(skm.peak_signal_noise_ratio(ref, test, data_range=255), abs=1e-11)
+    assert 0.5 < want < 0.97
+
+
+def test_a_large_frame_is_scored_in_bounded_memory():
+    """A 3000x1000 pair's scores add a few MB of resident memory; scored whole (two float64 copies,
+    and a convolution unfolding 11 copies of 15 planes) they took 4 GB, and a 6028x3391 photo asked
+    for 27 GB and failed after the model's minutes of work."""
+    code = textwrap.dedent("""
+        import resource, sys, numpy as np, torch
+        from cvae_cli.metrics import psnr, ssim
+        rng = np.random.default_rng(0)
+        a = torch.from_numpy(rng.integers(0, 256, (1, 3, 1000, 3000), dtype=np.uint8))
+        b = a.clone(); b[..., ::7, ::5] ^= 8  # 8 levels off, in 143 x 600 places a channel
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        p, s = psnr(a, b).item(), ssim(a, b).item()
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print(f"{grown:.0f} {p:.6f} {s:.6f}")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    grown, p, s = map(float, done.stdout.split())
+    assert grown < 150, f"scoring grew the resident set by {grown:.0f} MiB"
+    assert p == pytest.approx(10 * math.log10(255**2 / (64 * 143 * 600 / 3e6)), abs=1e-5) and 0.5 < s < 1
+
+
+def test_tiny_frames_get_psnr_and_no_ssim_and_json_gets_no_nan():
+    """Frames under 11x11 have no SSIM (its window does not fit): PSNR only, said in the line."""
+    ref, test = map(frames_to_tensor, frames(n=2, h=8, w=30))
+    m = FrameMetrics()
+    m.add(ref, test)
+    assert len(m.psnr) == 2 and m.ssim == []
+    assert "SSIM n/a" in m.line() and "over 2 frames" in m.line()
+    summary = m.summary()
+    assert summary["ssim"] is None and summary["ssim_per_frame"] == []
+    json.loads(json.dumps(summary, allow_nan=False))
+    same = FrameMetrics()
+    same.add(ref, ref)
+    assert same.summary()["psnr"] is None and same.summary()["psnr_per_frame"] == [None, None]
+    assert json.dumps(FrameMetrics().summary(), allow_nan=False)  # empty: nulls, not NaN

@@ -13,8 +13,14 @@ from ..outputs import check_suffix, expand, name_outputs
 from .app import command
 from .jobs import load_engine, one_by_one, report, triage
 from .options import (AllowPartial, Chunk, Compile, Crf, Cut, Device, DryRun, Dtype, Fast, Fps, Frames, Inputs,
-                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, selection)
-from .output import Output, count
+                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, check_crf,
+                      check_placement, selection)
+from .output import Output
+
+
+# what a reconstruction's scores do not see: the writer's own loss (they score the decoded frames)
+LOSSY = {".mp4": "H.264", ".mov": "H.264", ".mkv": "H.264", ".webm": "VP9", ".jpg": "JPEG", ".jpeg": "JPEG",
+         ".webp": "WebP"}
 
 
 @command
@@ -58,6 +64,8 @@ def decode(
 
     out = Output(quiet)
     cut = Cut.parse(mode, chunk, tile)
+    check_crf(crf, output)
+    check_placement(device, dtype, out)
     paths = expand(inputs)
     latents: dict[Path, LatentFile] = {}
     unreadable = []
@@ -106,7 +114,10 @@ def reconstruct(
     max_side: MaxSide = None,
     crf: Crf = 18,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Write input and reconstruction side by side.")] = False,
-    metrics_json: Annotated[Optional[Path], typer.Option("--metrics-json", help="Save per-frame PSNR/SSIM here.")] = None,
+    metrics_json: Annotated[Optional[Path], typer.Option("--metrics-json", help="Save per-frame PSNR/SSIM here "
+                                                          "(null where a value is not a finite number).")] = None,
+    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Skip PSNR/SSIM: only write the "
+                                                                  "reconstruction.")] = False,
     allow_partial: AllowPartial = False,
     dry_run: DryRun = False,
     overwrite: Overwrite = False,
@@ -114,7 +125,8 @@ def reconstruct(
 ):
     """Encode and decode in one pass and score the result (PSNR, SSIM against the input):
     X.mp4 -> X.recon.mp4, an image -> X.recon.png. Audio and alpha are dropped; --frames counts
-    frames after --fps resampling.
+    frames after --fps resampling. The scores are of the frames as decoded, before the video (or
+    JPEG) encoder; the output is written first, and a scoring failure never costs it.
 
     Examples:
 
@@ -130,8 +142,12 @@ def reconstruct(
     out = Output(quiet)
     select = selection(frames, fps, size, max_side, allow_partial)
     cut = Cut.parse(mode, chunk, tile)
+    check_crf(crf, output)
+    check_placement(device, dtype, out)
     paths = expand(inputs)
     if metrics_json is not None:
+        if no_metrics:
+            raise CvaeError("--metrics-json and --no-metrics: choose one")
         check_suffix(metrics_json, [".json"], "metrics")
     jobs = name_outputs(paths, output, out_dir,
                         lambda src: src.stem + ".recon" + (".png" if media.is_image(src) else ".mp4"))
@@ -141,9 +157,12 @@ def reconstruct(
     scores = {}
 
     def keep_score(src: Path, result) -> None:
-        m = result.metrics
-        out.info(escape(f"{src.name}: PSNR {m.mean_psnr:.2f} dB, SSIM {m.mean_ssim:.4f} over {count(len(m.psnr), 'frame')}"))
-        scores[str(src)] = {**m.summary(), "psnr_per_frame": m.psnr, "ssim_per_frame": m.ssim}
+        if result.metrics_error:
+            out.warn(f"{src.name}: no scores ({result.metrics_error}); the output was written")
+        elif result.metrics is not None:
+            codec = LOSSY.get(result.output.suffix.lower())
+            out.info(escape(f"{src.name}: {result.metrics.line()}" + (f", before {codec} encoding" if codec else "")))
+            scores[str(src)] = result.metrics.summary()
 
     outcomes: Iterable = ()
     if todo.pending:
@@ -152,10 +171,10 @@ def reconstruct(
                               lambda source: select.expected_frames(source.info),
                               lambda source, dst, advance: reconstruct_file(
                                   engine.model, source, dst, engine.options, select, crf=crf,
-                                  side_by_side=side_by_side, progress=advance))
+                                  side_by_side=side_by_side, metrics=not no_metrics, progress=advance))
     try:
         report(out, len(paths), todo, outcomes, on_result=keep_score)
     finally:
         if metrics_json and scores:
             with atomic_path(metrics_json) as tmp:
-                tmp.write_text(json.dumps(scores, indent=1, default=float))
+                tmp.write_text(json.dumps(scores, indent=1, allow_nan=False))

@@ -12,10 +12,12 @@ from ..outputs import check_suffix, expand, name_outputs
 from .app import command
 from .jobs import load_engine, report, triage
 from .options import (AllowPartial, BatchSize, Chunk, Compile, Cut, Device, DryRun, Dtype, Fast, Fps, Frames,
-                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, selection)
+                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, check_placement,
+                      selection)
 from .output import Output
 
 if TYPE_CHECKING:
+    from ..dataset import Layout
     from ..pipeline import Selection
 
 
@@ -30,6 +32,20 @@ def encode(
                            "`fps`, `size`, `output`), paths relative to the manifest's folder. Outputs mirror them "
                            "under --out-dir; complete ones are skipped (resumable); failures go to "
                            "failures.jsonl, totals to summary.json. Under torchrun, ranks share the clips.")] = None,
+    shards: Annotated[bool, typer.Option("--shards", help="With --manifest: WebDataset tar shards under --out-dir "
+                                                          "(KEY.safetensors + KEY.json a sample, an index.jsonl) "
+                                                          "instead of a file a sample.")] = False,
+    shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Samples per shard, at most "
+                                                                           "(default 1000).")] = None,
+    clip_frames: Annotated[Optional[int], typer.Option("--clip-frames", help="With --manifest: cut each video into "
+                                                                             "clips of N = 1 + 4k frames (after "
+                                                                             "--fps); a shorter tail is left out.")] = None,
+    clip_stride: Annotated[Optional[int], typer.Option("--clip-stride", help="Frames from one clip's start to the "
+                                                                             "next (default --clip-frames).")] = None,
+    buckets: Annotated[Optional[str], typer.Option("--buckets", help="With --manifest: sizes WxH,WxH,... or a preset "
+                                                                     "(256px, 512px, 720p); each sample is resized to "
+                                                                     "cover the bucket nearest its aspect ratio and "
+                                                                     "centre-cropped.")] = None,
     dry_run: DryRun = False,
     weights: Weights = None,
     device: Device = "auto",
@@ -68,17 +84,20 @@ def encode(
         cvae encode photo.png --weights LanguageBind/Open-Sora-Plan-v1.1.0/vae
         cvae encode --manifest clips.csv --out-dir latents/ --dry-run
         torchrun --nproc_per_node 8 -m cvae_cli encode --manifest clips.csv --out-dir latents/
+        cvae encode --manifest clips.jsonl --out-dir shards/ --shards --clip-frames 17 --buckets 256px
     ```
     """
     out = Output(quiet)
     select = selection(frames, fps, size, max_side, allow_partial)
     cut = Cut.parse(mode, chunk, tile)
+    check_placement(device, dtype, out)
     seed_or_none = seed if sample else None
+    layout = dataset_layout(manifest, output, shards, shard_size, clip_frames, clip_stride, buckets, size, max_side)
     if manifest is not None:
         if inputs or output is not None or out_dir is None:
             raise CvaeError("--manifest takes no input files and no -o; it needs --out-dir")
         return encode_manifest(out, manifest, out_dir, dry_run, select, cut, weights, device, dtype, norm, fast,
-                               compile, seed_or_none, save_logvar, overwrite, batch_size)
+                               compile, seed_or_none, save_logvar, overwrite, batch_size, layout)
     if not inputs:
         raise CvaeError("give input files, or --manifest")
     if output is not None:
@@ -98,9 +117,31 @@ def encode(
     report(out, len(jobs), todo, outcomes)
 
 
+def dataset_layout(manifest: Path | None, output: Path | None, shards: bool, shard_size: int | None,
+                   clip_frames: int | None, clip_stride: int | None, buckets: str | None, size: str | None,
+                   max_side: int | None) -> Layout:
+    """The dataset options (--shards, --shard-size, --clip-frames, --clip-stride, --buckets) as one
+    object; each needs --manifest, and --shards no -o."""
+    from ..dataset import Layout, Sharding
+    from ..samples import Cutting, parse_buckets
+
+    if shards and output is not None:
+        raise CvaeError("--shards writes shards under --out-dir: it takes no -o")
+    if shard_size is not None and not shards:
+        raise CvaeError("--shard-size needs --shards")
+    given = [name for name, v in (("--shards", shards), ("--clip-frames", clip_frames),
+                                  ("--clip-stride", clip_stride), ("--buckets", buckets)) if v]
+    if given and manifest is None:
+        raise CvaeError(f"{given[0]} needs --manifest")
+    if buckets is not None and (size or max_side):
+        raise CvaeError("--buckets chooses each sample's size: drop --size and --max-side")
+    cutting = Cutting(clip_frames, clip_stride, None if buckets is None else parse_buckets(buckets))
+    return Layout(cutting, Sharding(1000 if shard_size is None else shard_size) if shards else None)
+
+
 def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, select: Selection, cut: Cut,
                     weights: str, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
-                    seed: int | None, save_logvar: bool, overwrite: bool, batch_size: int) -> None:
+                    seed: int | None, save_logvar: bool, overwrite: bool, batch_size: int, layout: Layout) -> None:
     """`encode --manifest`: one process, or this rank's share under torchrun (see `dataset`)."""
     from .. import dataset
     from ..distributed import Dist
@@ -109,7 +150,8 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
     dist = Dist.from_env()
     if dry_run:
         with dist.session(dist.device(device)):
-            plan = dataset.make_plan(clips, out_dir, dist, overwrite)
+            plan = dataset.prepare(clips, out_dir, dist, cutting=layout.cutting, select=select,
+                                   sharding=layout.sharding, overwrite=overwrite)
             if dist.rank == 0:
                 for line in plan.lines():
                     typer.echo(line)
@@ -127,7 +169,7 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
         note = (lambda m: None) if out.quiet else note
         summary = dataset.run_manifest(engine.model, clips, out_dir, engine.options, select, dist=dist, seed=seed,
                                        save_logvar=save_logvar, overwrite=overwrite, batch_size=batch_size,
-                                       note=note, progress=progress)
+                                       cutting=layout.cutting, sharding=layout.sharding, note=note, progress=progress)
     if dist.rank == 0:
         out.info(escape(f"{summary.line()} -> {out_dir / 'summary.json'}"))
         if summary.failed:

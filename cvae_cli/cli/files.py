@@ -82,12 +82,21 @@ def info(files: Inputs):
         cvae info clip.mp4 photo.jpg
     ```
     """
-    console = Console(highlight=False, soft_wrap=True)
-    for path in expand(files):
-        if not path.exists():
-            raise CvaeError(f"no such file: {path}")
-        for line in _describe(path):
+    console, out = Console(highlight=False, soft_wrap=True), Output()
+    paths, failed = expand(files), 0
+    for path in paths:  # a bad file is said and skipped; the others are still described
+        try:
+            if not path.exists():
+                raise CvaeError(f"no such file: {path}")
+            lines = list(_describe(path))
+        except CvaeError as e:
+            out.error(str(e))
+            failed += 1
+            continue
+        for line in lines:
             console.print(escape(line))
+    if failed:
+        raise typer.Exit(1)
 
 
 _WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -131,7 +140,15 @@ def _describe(path: Path) -> Iterator[str]:
     if m.is_image:
         yield f"{path}: image, {m.width}x{m.height}, {m.codec}"
         return
-    frames = f"{m.frame_count} (as the container says)" if m.frame_count else "not stated by the container"
+    if m.frame_count is None:
+        frames = "unknown (the container states none and no packet could be read)"
+    elif m.frames_from == "packets":
+        frames = f"{m.frame_count} (counted: " + (f"the container claims {m.claimed_frames})" if m.claimed_frames
+                                                  else "the container does not state it)")
+    elif m.frames_from == "duration":
+        frames = f"about {m.frame_count} (from duration x rate)"
+    else:
+        frames = f"{m.frame_count} (as the container says)"
     yield f"{path}: video, {m.width}x{m.height}, {m.codec}"
     yield f"  frames: {frames}"
     yield f"  fps: {m.fps} ({float(m.fps):.3f})" if m.fps else "  fps: unknown"

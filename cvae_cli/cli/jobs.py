@@ -64,6 +64,10 @@ def load_engine(out: Output, weights: str | None, device: str, dtype: str, norm:
     from ..stream import exact_streaming
 
     dev, dt = resolve(device, dtype, local_rank)
+    if fast and dev.type == "cpu":  # its levers are GPU ones: on a CPU the fused norm recompiles per shape
+        out.warn("--fast does nothing on the CPU (fused GroupNorm+SiLU and cuDNN autotuning are GPU levers; "
+                 "on a CPU the fused norm is compiled anew for each shape and runs slower)")
+        fast = False
     model = load_weights(weights, dev, dt, norm, fast, compile, out)
     if cut.mode == "stream" and not exact_streaming(model.config):
         out.warn("--mode stream only approximates this model (its norm or attention spans the whole clip); "
@@ -87,7 +91,8 @@ class Triage:
 
 def triage(out: Output, jobs: list[Job], overwrite: bool, dry_run: bool = False,
            failed: list[Path] | None = None) -> Triage:
-    """Report missing inputs now; skip existing outputs unless `overwrite`; list the rest."""
+    """Report missing inputs and outputs that cannot be written now; skip existing outputs unless
+    `overwrite`; list the rest."""
     result = Triage([], 0, list(failed or []))
     for src, dst in jobs:
         if not src.is_file():
@@ -96,11 +101,24 @@ def triage(out: Output, jobs: list[Job], overwrite: bool, dry_run: bool = False,
         elif dst.exists() and not overwrite:
             result.skipped += 1
             out.info(escape(f"skip {dst} exists (use --overwrite)"))
+        elif (unwritable := _unwritable(dst)) is not None:
+            result.failed.append(src)
+            out.error(unwritable)
         else:
             result.pending.append((src, dst))
-            if dry_run:
-                out.info(escape(f"{src} -> {dst}"))
+            if dry_run:  # the plan is the command's output: stdout, as `encode --manifest --dry-run` prints it
+                typer.echo(f"{src} -> {dst}")
     return result
+
+
+def _unwritable(dst: Path) -> str | None:
+    from ..outputs import check_writable
+
+    try:
+        check_writable(dst)
+    except CvaeError as e:
+        return str(e)
+    return None
 
 
 def report(out: Output, inputs: int, jobs: Triage, outcomes: Iterable[tuple[int, object]],

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 import typer
 
 from ..errors import CvaeError
+from .output import Output
 
 if TYPE_CHECKING:
     from ..pipeline import Selection
@@ -85,6 +86,8 @@ def _int(text: str, option: str) -> int:
 
 def selection(frames: str | None, fps: float | None, size: str | None, max_side: int | None,
               allow_partial: bool) -> Selection:
+    """The frames, rate and size asked for; values that select nothing or mean nothing are refused
+    here, in one line, before any output is looked at or any weights are loaded."""
     from ..pipeline import Selection
 
     start, end = 0, None
@@ -93,10 +96,46 @@ def selection(frames: str | None, fps: float | None, size: str | None, max_side:
         if not sep:
             raise CvaeError(f"--frames {frames}: expected A:B, e.g. 0:65 or :33")
         start, end = (_int(a, "--frames") if a else 0), (_int(b, "--frames") if b else None)
+        if start < 0 or (end is not None and end < 0):
+            raise CvaeError(f"--frames {frames}: frame numbers count from 0 (negative ones are not supported)")
+        if end is not None and end <= start:
+            raise CvaeError(f"--frames {frames}: no frames selected (the end is exclusive: {start}:{start + 1} "
+                            f"is frame {start} alone)")
+    if fps is not None and not fps > 0:  # `not >` also refuses nan
+        raise CvaeError(f"--fps {fps:g}: a frame rate must be above 0")
     wh = None
     if size:
         w, sep, h = size.lower().partition("x")
         if not sep:
             raise CvaeError(f"--size {size}: expected WxH, e.g. 1280x720")
         wh = (_int(w, "--size"), _int(h, "--size"))
+        if min(wh) < 1:
+            raise CvaeError(f"--size {size}: width and height must be at least 1 pixel")
+    if max_side is not None and max_side < 1:
+        raise CvaeError(f"--max-side {max_side}: must be at least 1 pixel")
     return Selection(start=start, end=end, fps=fps, size=wh, max_side=max_side, allow_partial=allow_partial)
+
+
+CRF_RANGE = {"libx264": 51, "libvpx-vp9": 63}  # the encoder's own scale: 0 (lossless) .. this
+
+
+def check_crf(crf: int, output: Path | None) -> None:
+    """--crf within the scale of the codec the output will use (.webm: VP9, any other video: H.264)."""
+    codec = "libvpx-vp9" if output is not None and output.suffix.lower() == ".webm" else "libx264"
+    top = CRF_RANGE[codec]
+    if not 0 <= crf <= top:
+        name = "VP9 (.webm)" if codec == "libvpx-vp9" else "H.264 (.mp4, .mov, .mkv)"
+        raise CvaeError(f"--crf {crf}: {name} takes 0 (lossless) to {top}; 18 looks lossless")
+
+
+def check_placement(device: str, dtype: str, out: Output) -> None:
+    """Refuse a device or dtype that cannot work now, whether or not any output exists yet, and warn
+    of a slow one: float16 on a CPU runs about 20x slower than float32 (no fast fp16 kernels)."""
+    import torch
+
+    from ..device import resolve
+
+    place, dt = resolve(device, dtype)
+    if place.type == "cpu" and dt == torch.float16:
+        out.warn("--dtype fp16 on the CPU is about 20x slower than fp32 (the CPU has no fast fp16 kernels); "
+                 "leave --dtype auto")

@@ -102,5 +102,9 @@ class _Ticker:
         if now - self.last >= self.out.every_s:
             self.last = now
             of = f"/{self.total}" if self.total else ""
-            self.out.info(escape(f"{self.description}: {self.done}{of} frames, "
-                                 f"{self.done / max(now - self.start, 1e-9):.1f} frames/s"))
+            rate = self.done / max(now - self.start, 1e-9)
+            left = ""
+            if self.total and rate > 0:  # as the bar's column: what is left at the rate so far
+                s = int(max(self.total - self.done, 0) / rate)
+                left = f", {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d} left"
+            self.out.info(escape(f"{self.description}: {self.done}{of} frames, {rate:.1f} frames/s{left}"))
