@@ -39,6 +39,11 @@ def dtype_named(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[SPELLINGS[name]].torch
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """float32, bfloat16 or float16: how latent files and messages spell a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def safetensors_dtype(tag: str) -> str:
     """A safetensors header's dtype tag (F32, BF16, ...) as cvae spells dtypes (float32, bfloat16, ...)."""
     names = {d.safetensors: name for name, d in DTYPES.items()}

@@ -163,8 +163,9 @@ class Left:
 
 
 def video_length(info: media.MediaInfo, fps: float | None) -> int | None:
-    """A video's length in frames after resampling to `fps` (None: unknown). The one place that
-    says how long a video is, so that an exact count (`media`) replaces the container's claim here."""
+    """A video's length in frames after resampling to `fps` (None: unknown): `media`'s length
+    (counted where the container states none), scaled to the new rate. Resampling's count may still
+    be off by a frame at the end; a clip that runs short is left out when it is encoded."""
     return Selection(fps=fps).expected_frames(info)
 
 

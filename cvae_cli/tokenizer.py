@@ -31,8 +31,9 @@ import torch
 
 from . import interrupt, media
 from .atomic import remove_stale
+from .budget import Policy, is_out_of_memory, out_of_memory, within_memory
 from .checkpoints import default_weights, load_model, model_id
-from .device import is_cuda, placement, resolve
+from .device import dtype_name, is_cuda, placement, resolve
 from .errors import CvaeError
 from .latents import LatentFile, LatentMeta, LatentWriter, check_compatible
 from .metrics import FrameMetrics, frames_to_tensor
@@ -59,21 +60,18 @@ def per_input(error: BaseException) -> bool:
     return isinstance(error, CvaeError) or is_out_of_memory(error)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
-
-
-def attempt(run: Callable[[], list], count: int) -> list:
-    """`run()`, or, when it fails by `per_input`, that error for each of its `count` inputs (after
-    giving back the memory a failed GPU step held). Other failures propagate."""
+def attempt(run: Callable[[Options], list], count: int, options: Options, where: str, device=None,
+            note: Callable[[str], None] | None = None) -> list:
+    """`run(options)`, once more with a smaller cut if it runs out of memory (`budget.within_memory`),
+    or, when it fails by `per_input`, that error for each of its `count` inputs. Other failures
+    propagate."""
     try:
-        return run()
+        return within_memory(run, options, where, device, note or (lambda message: None))
     except Exception as error:
         if not per_input(error):
             raise
-        if is_out_of_memory(error) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if is_out_of_memory(error):  # not from the model's steps: still one line, for this input
+            error = out_of_memory(error, where, device)
         return [error] * count
 
 
@@ -178,6 +176,10 @@ class Selection:
         """The (width, height) the model will see (before padding to multiples of 8)."""
         return self.resize(info) or (info.width, info.height)
 
+    def model_shape(self, info: media.MediaInfo) -> tuple[int, int, bool, int | None]:
+        """(width, height, is an image, expected frames): what the cut for this input depends on."""
+        return (*self.model_size(info), info.is_image, self.expected_frames(info))
+
     def expected_frames(self, info: media.MediaInfo) -> int | None:
         """How many frames this selects, from the video's length (`media.MediaInfo.frame_count`):
         for progress bars and planning only (a damaged file decodes fewer). Without a length, a
@@ -215,8 +217,19 @@ class Result:
     metrics_error: str | None = None  # why scoring stopped (the output was written all the same)
 
 
-def _options(options: Options, width: int, height: int, image: bool) -> StreamOptions:
+def _options(options: Options, width: int, height: int, image: bool, frames: int | None = None,
+             batch: int = 1) -> StreamOptions:
+    if isinstance(options, Policy):  # the budget's count depends on the length (whole clips) and batch
+        return options(width, height, image, frames=frames, batch=batch)
     return options(width, height, image) if callable(options) else options
+
+
+def check_finite(latent: torch.Tensor, where: str) -> None:
+    """CvaeError when an encoded latent holds NaN or infinity (fp16 overflow on some cards, a broken
+    driver): such a file would decode to garbage, so it is never written."""
+    if not torch.isfinite(latent).all():
+        raise CvaeError(f"{where}: the latent holds NaN or infinite values, computed in {dtype_name(latent.dtype)}; "
+                        "nothing was written (try --dtype bf16 or --dtype fp32)")
 
 
 def _opened(source: media.MediaFile | Path, stack: contextlib.ExitStack) -> media.MediaFile:
@@ -234,10 +247,7 @@ class _Encoding:
     select: Selection
     writer: LatentWriter | None = None
     times: list = field(default_factory=list)  # the frames' times, filled as they are read
-    # set in the model's thread, read in the writer's only after that thread has ended (each chunk
-    # carries a copy of them): frames read, and the input's own failure
-    read: int = 0
-    failure: Exception | None = None
+    read: list = field(default_factory=lambda: [0])  # frames read so far (the reader's counter)
     counted: int = 0  # frames reported to progress: those the model has turned into latents
     latents: int = 0  # latent frames written
     outcome: Result | Exception | None = None
@@ -258,7 +268,7 @@ def encode_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, option
 
 def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, Path, Selection]], options: Options,
                  *, seed: int | None = None, save_logvar: bool = False, progress: Progress | None = None,
-                 prefetch: int = PREFETCH, identity: str | None = None) -> list[Result | Exception]:
+                 prefetch: int = PREFETCH) -> list[Result | Exception]:
     """Encode several (input, output, selection) jobs of one model size together: their chunks are
     stacked along the batch, so one model call serves them all (what keeps a GPU busy on images and
     short clips). Each output is what `encode_file` would write for it alone, up to the rounding of
@@ -266,29 +276,23 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
     images alone). Inputs may come opened (`media.MediaFile`) or as paths; all are closed here.
 
     An input that fails (unreadable, truncated, an unwritable output) ends its own stream and comes
-    back as its exception, with nothing written; the others go on. A model failure raises.
-    `identity`: the weights' `model_id`, when the caller has it (it is computed from the tensors)."""
+    back as its exception, with nothing written; the others go on. A model failure raises."""
     ft = model.config.time_compression
-    identity = identity or model_id(model)
+    identity = model_id(model)  # once per call: a model not loaded from a file is hashed each time
     runs: list[_Encoding] = []
 
     def guarded(run: _Encoding, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         try:
             for frame in frames:
-                run.read += 1
+                run.read[0] += 1
                 yield frame
         except Exception as e:  # this input's failure: end its stream, keep the batch going
-            run.failure = e
+            run.outcome = e
 
-    def tagged(chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor]]) -> Iterator[tuple]:
-        """Each chunk with what its input's reading stood at when the model made it."""
-        for i, mean, logvar in chunks:
-            yield i, mean, logvar, live[i].read, live[i].failure
-
-    def advance(run: _Encoding, latents: int, read: int) -> None:
+    def advance(run: _Encoding, latents: int) -> None:
         """Report the frames these latents stand for (1, then 4 per latent), at most those read."""
         run.latents += latents
-        done = min(1 + ft * (run.latents - 1), read)
+        done = min(1 + ft * (run.latents - 1), run.read[0])
         if progress and done > run.counted:
             progress(done - run.counted)
         run.counted = max(run.counted, done)
@@ -315,18 +319,38 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
                                                                      prefetch))) for run in live]
         streams = [guarded(run, reader) for run, reader in zip(live, readers)]
         image = all(run.source.info.is_image for run in live)
-        chunks = encode_batch(model, streams, _options(options, width, height, image))
-        with contextlib.closing(background(tagged(chunks), prefetch)) as chunks:
-            for i, mean, logvar, read, failure in chunks:
+        lengths = [run.select.expected_frames(run.source.info) for run in live]
+        frames = None if None in lengths else max(lengths)
+        opts = _options(options, width, height, image, frames, len(live))
+        chunks = encode_batch(model, streams, opts, [run.read for run in live])
+        with contextlib.closing(background(chunks, prefetch)) as chunks:
+            for i, mean, logvar in chunks:
                 run = live[i]
-                if failure is None:
-                    latent = _stored(mean, logvar, seed, run.latents)
+                if run.outcome is None and not torch.isfinite(mean).all():
+                    try:
+                        check_finite(mean, str(run.source.path))
+                    except CvaeError as e:  # this input fails; its writer is aborted on the way out
+                        run.outcome = e
+                    if all(r.outcome is not None for r in live):
+                        break
+                if run.outcome is None:
+                    latent = mean if seed is None else DiagonalGaussian(mean[None].float(), logvar[None].float()) \
+                        .sample(seed=seed, first_frame=run.latents)[0]
                     run.writer.append(latent, logvar if save_logvar else None)
-                    advance(run, mean.shape[1], read)
-        for run in live:  # the model's thread has ended: `read` and `failure` are final
+                    advance(run, mean.shape[1])
+        for run in live:
             if run.outcome is None:
-                run.outcome = run.failure or _finish(run, model)
+                run.outcome = _finish(run, model)
     return [run.outcome for run in runs]
+
+
+@contextlib.contextmanager
+def _aborting(writer: LatentWriter) -> Iterator[LatentWriter]:
+    """The writer, whose temporary files go whatever happens (after `close` there are none)."""
+    try:
+        yield writer
+    finally:
+        writer.abort()
 
 
 def _stored(mean: torch.Tensor, logvar: torch.Tensor, seed: int | None, first_frame: int) -> torch.Tensor:
@@ -343,17 +367,8 @@ def _latent_chunks(latents: torch.Tensor | LatentFile, options: StreamOptions, m
     return latents.iter_chunks(step) if isinstance(latents, LatentFile) else latents.split(step, dim=1)
 
 
-@contextlib.contextmanager
-def _aborting(writer: LatentWriter) -> Iterator[LatentWriter]:
-    """The writer, whose temporary files go whatever happens (after `close` there are none)."""
-    try:
-        yield writer
-    finally:
-        writer.abort()
-
-
 def _finish(run: _Encoding, model: CausalVAE) -> Result | CvaeError:
-    n = run.read
+    n = run.read[0]
     try:
         if n == 0:
             raise CvaeError(f"{run.source.path}: no frames selected")
@@ -398,13 +413,13 @@ def batched(items: Iterable, size: int, key: Callable | None = None, held: int =
 def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path | Callable[[], media.MediaFile], Path, Selection]],
                 options: Options, *,
                 batch_size: int = 1, seed: int | None = None, save_logvar: bool = False,
-                progress: ProgressFactory | None = None) -> Iterator[tuple[int, Result | Exception]]:
+                progress: ProgressFactory | None = None,
+                note: Callable[[str], None] | None = None) -> Iterator[tuple[int, Result | Exception]]:
     """Encode many (input, output, selection) jobs, `batch_size` of one model size at a time,
     opening each input once (an input may be a function that opens it, e.g. `samples.ClipReaders`);
     yield (job index, outcome) as outcomes come. A failure of one input
     (`per_input`) is its outcome and the others go on; any other failure raises."""
     failed: list[tuple[int, Exception]] = []
-    identity = model_id(model)  # once for the run: the weights do not change during it
 
     def opened() -> Iterator[tuple[int, media.MediaFile]]:
         for k, (src, _, _) in enumerate(jobs):
@@ -426,8 +441,13 @@ def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path | Callable[[], media
         name = batch[0][0].path.name if len(batch) == 1 else f"{len(batch)} files"
         with progress(name, None if None in expected else sum(expected)) if progress else \
                 contextlib.nullcontext(None) as advance:
-            outcomes = attempt(lambda: encode_files(model, batch, options, seed=seed, save_logvar=save_logvar,
-                                                    progress=advance, identity=identity), len(batch))
+            where = str(batch[0][0].path) if len(batch) == 1 else f"{len(batch)} files ({batch[0][0].path}, ...)"
+            again = [jobs[k] for k, _ in group]  # a retry after running out of memory opens its inputs afresh
+            tries = iter([lambda: batch, lambda: [(src() if callable(src) else src, dst, select)
+                                                  for src, dst, select in again]])
+            outcomes = attempt(lambda opts: encode_files(model, next(tries)(), opts, seed=seed, save_logvar=save_logvar,
+                                                         progress=advance), len(batch), options, where,
+                               placement(model)[0], note)
         yield from ((k, outcome) for (k, _), outcome in zip(group, outcomes))
     yield from failed
 
@@ -491,8 +511,9 @@ def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Op
     check_compatible(meta, model_id(model), model.config, where=str(latent.path), force=force)
     check_output_kind(dst, image=meta.fps is None)
     remove_stale(dst)
-    opts = _options(options, meta.width, meta.height, image=meta.fps is None)
-    chunks = decode_latents(model, _latent_chunks(latent, opts, model), opts, meta.height, meta.width)
+    opts = _options(options, meta.width, meta.height, meta.fps is None, meta.padded_frames)
+    step = max(1, opts.chunk // model.config.time_compression)
+    chunks = decode_latents(model, latent.iter_chunks(step), opts, meta.height, meta.width)
     frames = _write_frames(dst, background(chunks, prefetch), meta.fps, meta.frames, crf, progress,
                            times=meta.frame_times)
     return Result(dst, frames)
@@ -515,7 +536,7 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
         check_output_kind(dst, image=info.is_image)
         remove_stale(dst)
         width, height = select.model_size(info)
-        opts = _options(options, width, height, info.is_image)
+        opts = _options(options, width, height, info.is_image, select.expected_frames(info))
         times: list = []  # the input's frame times, kept for the output (filled ahead of the writer)
         pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
         scores = FrameMetrics() if metrics else None
@@ -545,7 +566,12 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
             return np.concatenate([inputs, chunk], axis=2) if side_by_side else chunk
 
         frames = stack.enter_context(contextlib.closing(background(select.frames(source, times), prefetch)))
-        latents = (mean for mean, _ in encode_frames(model, remember(frames), opts))
+        def finite(chunks):
+            for mean, _ in chunks:
+                check_finite(mean, str(source.path))
+                yield mean
+
+        latents = finite(encode_frames(model, remember(frames), opts))
         chunks = background(decode_latents(model, latents, opts, height, width), prefetch)
         keep_times = not (info.is_image or select.fps)
         count = _write_frames(dst, chunks, None if info.is_image else select.output_fps(info), 2**62, crf,
@@ -606,6 +632,18 @@ def _target(src: Path, dst: Path | str | None, name: str, overwrite: bool) -> Pa
     return dst
 
 
+def _policy(model: CausalVAE, cut: Cut, direction: str, warn: Callable[[str], None]) -> Policy:
+    """The cut for each input: the one asked for, the rest the largest that fits the memory budget
+    (`cut.memory_budget` bytes, else what the device has free) for `direction`'s peak."""
+    from .budget import Budget, default_budget
+
+    device, dtype = placement(model)
+    cuda = is_cuda(device)
+    budget = Budget(cut.memory_budget, direction, cuda) if cut.memory_budget is not None else \
+        default_budget(device, model, direction) or Budget(2**62, direction, cuda, "unknown")
+    return Policy(model.config, dtype, model.levers, budget, cut.mode, cut.chunk, cut.tile, warn=warn)
+
+
 # --- the tokenizer ----------------------------------------------------------------------------
 
 class Tokenizer:
@@ -613,15 +651,18 @@ class Tokenizer:
     runner all work through. `notes` and `warnings` say what loading chose on the user's behalf
     (the built-in model) or what will not work as they may expect (streaming a clip-norm model)."""
 
-    def __init__(self, model: CausalVAE, cut: Cut = Cut(), notes: Sequence[str] = (), warnings: Sequence[str] = ()):
+    def __init__(self, model: CausalVAE, cut: Cut = Cut(), notes: Sequence[str] = (), warnings: Sequence[str] = (),
+                 policy: Policy | None = None):
         self.model, self.cut = model, cut
         self.notes, self.warnings = list(notes), list(warnings)
+        self.policy = policy or _policy(model, cut, "reconstruct", self.warnings.append)
 
     @classmethod
     def load(cls, weights: str | Path | None = None, device: str | torch.device = "auto",
              dtype: str | torch.dtype = "auto", norm: str | None = None, fast: bool = False, compile: bool = False,
              mode: str = "auto", chunk: int | None = None, tile: int | str | None = "auto",
-             memory_budget: int | None = None, *, local_rank: int | None = None) -> Tokenizer:
+             memory_budget: int | None = None, *, local_rank: int | None = None,
+             direction: str = "reconstruct") -> Tokenizer:
         """Weights: a cvae .safetensors, an Open-Sora-Plan folder or hub id; None: the SD VAE
         `cvae inflate` made, else the built-in small model (said in `notes`). `device`/`dtype` auto:
         CUDA and bf16 when a GPU is visible, else the CPU in fp32. `norm` overrides the weights'
@@ -648,7 +689,7 @@ class Tokenizer:
         if cut.mode == "stream" and not exact_streaming(model.config):
             warnings.append("--mode stream only approximates this model (its norm or attention spans the whole "
                             "clip); --mode auto cuts it as Open-Sora-Plan does")
-        return cls(model, cut, notes, warnings)
+        return cls(model, cut, notes, warnings, _policy(model, cut, direction, warnings.append))
 
     @property
     def device(self) -> torch.device:
@@ -662,9 +703,10 @@ class Tokenizer:
     def model_id(self) -> str:
         return model_id(self.model)
 
-    def options(self, width: int, height: int, image: bool = False) -> StreamOptions:
-        """How an input of this frame size is cut (`Cut.options`)."""
-        return self.cut.options(self.model.config, width, height, image)
+    def options(self, width: int, height: int, image: bool = False, frames: int | None = None) -> StreamOptions:
+        """How an input of this frame size is cut: what the cut fixes, the rest what fits the memory
+        budget (`budget.Policy`)."""
+        return self.policy(width, height, image, frames=frames)
 
     # file to file ----------------------------------------------------------------------------
 
@@ -676,7 +718,7 @@ class Tokenizer:
         posterior sample instead of its mean."""
         path = _path(src)
         dst = _target(path, dst, latent_name(path), overwrite)
-        return encode_file(self.model, src, dst, self.options, _selection(select, selection), seed=seed,
+        return encode_file(self.model, src, dst, self.policy, _selection(select, selection), seed=seed,
                            save_logvar=save_logvar, progress=progress)
 
     def encode_many(self, jobs: Sequence[tuple[Path, Path, Selection]], *, batch_size: int = 1,
@@ -684,7 +726,7 @@ class Tokenizer:
                     progress: ProgressFactory | None = None) -> Iterator[tuple[int, Result | Exception]]:
         """(job index, outcome) of many (input, output, selection) jobs, `batch_size` of one size at a
         time; an input's own failure is its outcome (`per_input`)."""
-        return encode_many(self.model, jobs, self.options, batch_size=batch_size, seed=seed,
+        return encode_many(self.model, jobs, self.policy, batch_size=batch_size, seed=seed,
                            save_logvar=save_logvar, progress=progress)
 
     def decode(self, latent: str | Path | LatentFile, dst: str | Path | None = None, *, crf: int = 18,
@@ -695,7 +737,7 @@ class Tokenizer:
             if not isinstance(latent, LatentFile):
                 latent = stack.enter_context(LatentFile.open(latent))
             dst = _target(latent.path, dst, decoded_name(latent.path, latent.meta.fps is None), overwrite)
-            return decode_file(self.model, latent, dst, self.options, crf=crf, force=force, progress=progress)
+            return decode_file(self.model, latent, dst, self.policy, crf=crf, force=force, progress=progress)
 
     def reconstruct(self, src: str | Path | media.MediaFile, dst: str | Path | None = None, *,
                     select: Selection | None = None, crf: int = 18, side_by_side: bool = False, metrics: bool = True,
@@ -705,7 +747,7 @@ class Tokenizer:
         `metrics` is False; `metrics_error` says why scoring stopped, the output written all the same)."""
         path = _path(src)
         dst = _target(path, dst, recon_name(path, media.is_image(path)), overwrite)
-        return reconstruct_file(self.model, src, dst, self.options, _selection(select, selection), crf=crf,
+        return reconstruct_file(self.model, src, dst, self.policy, _selection(select, selection), crf=crf,
                                 side_by_side=side_by_side, metrics=metrics, progress=progress)
 
     # in memory -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.manifest import Clip, read_manifest
-from cvae_cli.tokenizer import Selection
+from cvae_cli import Selection
 from cvae_cli.samples import Cutting, check_keys, nearest_bucket, parse_buckets, preset, row_samples
 from conftest import REPO, random_model
 

@@ -251,3 +251,19 @@ def test_sigterm_finishes_the_shard_in_progress_with_its_whole_samples(data, wei
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "2 done, 3 skipped" in r.stderr, r.stderr
     assert sorted(k for k, _, _ in samples(out)) == sorted(KEYS)
+
+
+def test_latent_dataset_reads_the_shards_and_refuses_one_cut_short(sharded, tmp_path):
+    from cvae_cli import LatentDataset
+
+    items = list(LatentDataset(sharded))
+    assert sorted(item["key"] for item in items) == sorted(KEYS)
+    assert all(list(item["latent"].shape) == item["meta"]["latent_shape"] for item in items)
+    out = tmp_path / "out"
+    shutil.copytree(sharded, out)
+    first = shards.shard_files(out)[0]
+    with tarfile.open(first) as tar:
+        last = tar.getmembers()[-1]
+    first.write_bytes(first.read_bytes()[: last.offset_data + last.size // 2])  # into the last member
+    with pytest.raises(CvaeError):
+        list(LatentDataset(first))

@@ -1,7 +1,6 @@
 """`cvae encode`: files, or a whole dataset through a manifest."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Iterable, List, Optional
 
@@ -9,10 +8,12 @@ import typer
 from rich.markup import escape
 
 from ..errors import CvaeError
-from ..outputs import check_suffix, expand, latent_name, name_outputs
+from ..outputs import check_suffix, expand, name_outputs
 from .app import command
-from .jobs import report, triage
-from .options import BatchSize, DryRun, ModelOptions, OutDir, OutFile, Overwrite, Quiet, SelectOptions, grouped
+from .jobs import load_engine, report, show_cuts, triage
+from .options import (AllowPartial, BatchSize, Chunk, Compile, Cut, Device, DryRun, Dtype, Fast, Fps, Frames,
+                      MaxSide, MemoryBudget, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights,
+                      check_placement, selection)
 from .output import Output
 
 if TYPE_CHECKING:
@@ -21,9 +22,7 @@ if TYPE_CHECKING:
 
 
 @command
-@grouped
 def encode(
-    *,
     inputs: Annotated[Optional[List[str]], typer.Argument(help="Input files (globs allowed); none with --manifest.",
                                                           show_default=False)] = None,
     output: OutFile = None,
@@ -48,14 +47,27 @@ def encode(
                                                                      "cover the bucket nearest its aspect ratio and "
                                                                      "centre-cropped.")] = None,
     dry_run: DryRun = False,
-    model: ModelOptions,
+    weights: Weights = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    mode: Mode = "auto",
+    chunk: Chunk = "auto",
+    tile: Tile = "auto",
+    memory_budget: MemoryBudget = "auto",
+    norm: Norm = None,
+    fast: Fast = False,
+    compile: Compile = False,
     batch_size: BatchSize = 1,
-    where: SelectOptions,
+    frames: Frames = None,
+    fps: Fps = None,
+    size: Size = None,
+    max_side: MaxSide = None,
     sample: Annotated[bool, typer.Option("--sample", help="Store a posterior sample instead of its mean "
                                                           "(the same for any --chunk).")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (default 0).",
                                                 show_default=False)] = None,
     save_logvar: Annotated[bool, typer.Option("--save-logvar", help="Also store the posterior log-variance.")] = False,
+    allow_partial: AllowPartial = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
@@ -77,36 +89,39 @@ def encode(
         cvae encode --manifest clips.jsonl --out-dir shards/ --shards --clip-frames 17 --buckets 256px
     ```
     """
-    out, select, seed = Output(quiet), where.selection(), sample_seed(sample, seed)
-    model.check(out)
-    layout = dataset_layout(manifest, output, shards, shard_size, clip_frames, clip_stride, buckets, where.size,
-                            where.max_side)
+    out = Output(quiet)
+    select = selection(frames, fps, size, max_side, allow_partial)
+    cut = Cut.parse(mode, chunk, tile, memory_budget)
+    check_placement(device, dtype, out)
+    seed_or_none = sample_seed(sample, seed)
+    layout = dataset_layout(manifest, output, shards, shard_size, clip_frames, clip_stride, buckets, size, max_side)
     if manifest is not None:
         if inputs or output is not None or out_dir is None:
             raise CvaeError("--manifest takes no input files and no -o; it needs --out-dir")
-        return encode_manifest(out, manifest, out_dir, dry_run, select, model, seed, save_logvar, overwrite,
-                               batch_size, layout)
+        return encode_manifest(out, manifest, out_dir, dry_run, select, cut, weights, device, dtype, norm, fast,
+                               compile, seed_or_none, save_logvar, overwrite, batch_size, layout)
     if not inputs:
         raise CvaeError("give input files, or --manifest")
     if output is not None:
         check_suffix(output, [".safetensors"], "latents")
-    jobs = name_outputs(expand(inputs), output, out_dir, latent_name)
+    jobs = name_outputs(expand(inputs), output, out_dir, lambda src: src.stem + ".safetensors")
     todo = triage(out, jobs, overwrite, dry_run)
     if dry_run:
+        if todo.pending:
+            from .. import media
+
+            engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, direction="encode")
+            todo.failed += show_cuts(out, engine, todo.pending, lambda src: select.model_shape(media.probe(src)))
         raise typer.Exit(1 if todo.failed else 0)
     outcomes: Iterable = ()
     if todo.pending:
-        outcomes = model.load(out).encode_many([(src, dst, select) for src, dst in todo.pending],
-                                               batch_size=batch_size, seed=seed, save_logvar=save_logvar,
-                                               progress=lambda name, total: out.progress(f"encoding {name}", total))
+        from ..tokenizer import encode_many
+
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, direction="encode")
+        outcomes = encode_many(engine.model, [(src, dst, select) for src, dst in todo.pending], engine.options,
+                               batch_size=batch_size, seed=seed_or_none, save_logvar=save_logvar,
+                               progress=lambda name, total: out.progress(f"encoding {name}", total), note=out.warn)
     report(out, len(jobs), todo, outcomes)
-
-
-def sample_seed(sample: bool, seed: int | None) -> int | None:
-    """The seed of a posterior sample, or None to store the mean; --seed alone is refused, not ignored."""
-    if seed is not None and not sample:
-        raise CvaeError("--seed is the seed of --sample: add --sample to store a sample, or drop --seed")
-    return (seed or 0) if sample else None
 
 
 def dataset_layout(manifest: Path | None, output: Path | None, shards: bool, shard_size: int | None,
@@ -131,7 +146,8 @@ def dataset_layout(manifest: Path | None, output: Path | None, shards: bool, sha
     return Layout(cutting, Sharding(1000 if shard_size is None else shard_size) if shards else None)
 
 
-def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, select: Selection, model: ModelOptions,
+def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, select: Selection, cut: Cut,
+                    weights: str, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
                     seed: int | None, save_logvar: bool, overwrite: bool, batch_size: int, layout: Layout) -> None:
     """`encode --manifest`: one process, or this rank's share under torchrun (see `dataset`)."""
     from .. import dataset
@@ -139,17 +155,16 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
 
     clips = dataset.read_manifest(manifest)
     dist = Dist.from_env()
-    model = replace(model, device=dist.device(model.device))  # resolved once, for the session and the model
     if dry_run:
-        with dist.session(model.device):
+        with dist.session(dist.device(device)):
             plan = dataset.prepare(clips, out_dir, dist, cutting=layout.cutting, select=select,
                                    sharding=layout.sharding, overwrite=overwrite)
             if dist.rank == 0:
                 for line in plan.lines():
                     typer.echo(line)
         raise typer.Exit(1 if plan.missing() else 0)  # as a plain --dry-run: a missing input fails
-    with dist.session(model.device):
-        tok = model.load(out, dist.local_rank)
+    with dist.session(dist.device(device)):
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, dist.local_rank, "encode")
         # one process: a bar (or a line every few seconds) per clip, and the per-clip lines; under
         # torchrun the per-clip lines only, prefixed with the rank, each written whole so that
         # processes never interleave mid-line
@@ -159,7 +174,7 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
         else:
             note, progress = dataset.line_writer(dist.rank, dist.world), None
         note = (lambda m: None) if out.quiet else note
-        summary = dataset.run_manifest(tok.model, clips, out_dir, tok.options, select, dist=dist, seed=seed,
+        summary = dataset.run_manifest(engine.model, clips, out_dir, engine.options, select, dist=dist, seed=seed,
                                        save_logvar=save_logvar, overwrite=overwrite, batch_size=batch_size,
                                        cutting=layout.cutting, sharding=layout.sharding, note=note, progress=progress)
     if dist.rank == 0:
@@ -167,3 +182,10 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
         if summary.failed:
             out.error(f"{summary.failed} clip(s) failed: see {out_dir / 'failures.jsonl'}")
             raise typer.Exit(1)  # rank 0 speaks for the run; the others exit 0
+
+
+def sample_seed(sample: bool, seed: int | None) -> int | None:
+    """The seed of a posterior sample, or None to store the mean; --seed alone is refused, not ignored."""
+    if seed is not None and not sample:
+        raise CvaeError("--seed is the seed of --sample: add --sample to store a sample, or drop --seed")
+    return (seed or 0) if sample else None

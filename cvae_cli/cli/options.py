@@ -1,25 +1,17 @@
-"""Option types shared by the commands (declared once), the option groups several commands take
-(`ModelOptions`, `SelectOptions`), and parsing them into library values."""
+"""Option types shared by the commands (declared once), and parsing them into library values."""
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
-from rich.markup import escape
 
-from .. import interrupt
 from ..errors import CvaeError
 from .output import Output
 
 if TYPE_CHECKING:
-    from ..tokenizer import Cut, Selection, Tokenizer
-    from .output import Output
+    from ..tokenizer import Selection
 
 
 Inputs = Annotated[List[str], typer.Argument(help="Input files (globs allowed).", show_default=False)]
@@ -38,8 +30,12 @@ Mode = Annotated[str, typer.Option("--mode", help="Time cutting: auto (stream a 
                                                   "Open-Sora-Plan's 65-frame windows), stream (cached chunks; only "
                                                   "approximate for clip-norm models), window, or whole (one piece).")]
 Chunk = Annotated[str, typer.Option("--chunk", help="Frames per chunk (multiple of 4), or auto by frame size.")]
-Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels. auto tiles "
-                                   "photos above 1080p by 512; a video that streams exactly keeps whole frames.")]
+Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels. auto: whole "
+                                   "frames when they fit --memory-budget, else the largest tiles that do.")]
+MemoryBudget = Annotated[str, typer.Option("--memory-budget", help="Memory the model may use, weights included "
+                                           "(e.g. 12GiB, 800MiB): auto --chunk and --tile take the largest cut whose "
+                                           "exact count fits. auto: the GPU's free memory, or the CPU's available "
+                                           "RAM, less 10%.")]
 Norm = Annotated[Optional[str], typer.Option("--norm", help="Override the model's GroupNorm: clip or frame. Latents "
                                                             "record it: decode uses theirs unless told otherwise.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
@@ -60,6 +56,33 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
 Crf = Annotated[int, typer.Option("--crf", help="Video quality: H.264 0 (lossless) .. 51, VP9 0 .. 63; "
                                                "18 looks lossless.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="List what would be done (and what is missing), and stop.")]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How the user asked videos to be cut for the model (`auto` fields are chosen per size)."""
+
+    mode: str = "auto"
+    chunk: int | None = None
+    tile: int | str | None = "auto"
+    budget: int | None = None  # bytes; None: what the device has free (`budget.default_budget`)
+
+    @classmethod
+    def parse(cls, mode: str, chunk: str, tile: str, memory_budget: str = "auto") -> Cut:
+        from ..budget import parse_size
+        from ..stream import MODES, StreamOptions
+
+        if mode not in ("auto", *MODES):
+            raise CvaeError(f"--mode {mode}: use auto, {', '.join(MODES)}")
+        cut = cls(mode, None if chunk == "auto" else _int(chunk, "--chunk"),
+                  tile if tile == "auto" else None if tile == "off" else _int(tile, "--tile"),
+                  None if memory_budget == "auto" else parse_size(memory_budget))
+        try:  # refuse a bad --chunk or --tile now, not after loading the weights
+            StreamOptions(chunk=cut.chunk or 16, tile=cut.tile if isinstance(cut.tile, int) else None)
+        except ValueError as e:
+            raise CvaeError(str(e)) from None
+        return cut
+
 
 
 def _int(text: str, option: str) -> int:
@@ -126,91 +149,3 @@ def check_placement(device: str, dtype: str, out: Output) -> None:
     if place.type == "cpu" and dt == torch.float16:
         out.warn("--dtype fp16 on the CPU is about 20x slower than fp32 (the CPU has no fast fp16 kernels); "
                  "leave --dtype auto")
-
-
-# --- option groups ---------------------------------------------------------------------------------
-
-def grouped(fn):
-    """Let a command take an option group (a dataclass whose fields are option types) as one
-    parameter: Typer sees the group's fields as the command's options, in its place; the command
-    gets the group, built from them. A group is thus declared once for every command that takes it.
-    (Groups are keyword-only parameters without a default, so that nothing is built at import.)"""
-    signature = inspect.signature(fn, eval_str=True)
-    params, groups = [], {}
-    for p in signature.parameters.values():
-        if dataclasses.is_dataclass(p.annotation):
-            groups[p.name] = p.annotation
-            hints = typing.get_type_hints(p.annotation, include_extras=True)
-            params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                                         default=f.default) for f in dataclasses.fields(p.annotation)]
-        else:
-            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
-
-    @functools.wraps(fn)
-    def command(**kwargs):
-        for name, group in groups.items():
-            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)})
-        return fn(**kwargs)
-
-    command.__signature__ = signature.replace(parameters=params)
-    command.__annotations__ = {}
-    return command
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """Which weights, where, in what precision, how fast, and how inputs are cut: every command
-    that runs the model takes these. A bad cut is refused on parsing, before any weights load."""
-
-    weights: Weights = None
-    device: Device = "auto"
-    dtype: Dtype = "auto"
-    mode: Mode = "auto"
-    chunk: Chunk = "auto"
-    tile: Tile = "auto"
-    norm: Norm = None
-    fast: Fast = False
-    compile: Compile = False
-
-    def __post_init__(self):
-        self.cut()
-
-    def check(self, out: Output) -> None:
-        """Refuse a device or dtype that cannot work, and warn of a slow one, before any output is
-        looked at."""
-        check_placement(self.device, self.dtype, out)
-
-    def cut(self) -> Cut:
-        """--chunk auto or N, --tile auto, off or N."""
-        from ..tokenizer import Cut
-
-        return Cut(self.mode, None if self.chunk == "auto" else _int(self.chunk, "--chunk"),
-                   self.tile if self.tile == "auto" else None if self.tile == "off" else _int(self.tile, "--tile"))
-
-    def load(self, out: Output, local_rank: int | None = None, norm: str | None = None) -> Tokenizer:
-        """The Tokenizer, with what loading chose or warns of said; `norm` when --norm is not given."""
-        from ..tokenizer import Tokenizer
-
-        cut = self.cut()
-        tok = Tokenizer.load(self.weights, self.device, self.dtype, self.norm or norm, self.fast, self.compile,
-                             cut.mode, cut.chunk, cut.tile, cut.memory_budget, local_rank=local_rank)
-        for note in tok.notes:
-            out.info(escape(f"note: {note}"))
-        for warning in tok.warnings:
-            out.warn(warning)
-        interrupt.check()  # loading takes a while: a Ctrl-C during it stops here
-        return tok
-
-
-@dataclass(frozen=True)
-class SelectOptions:
-    """Which frames of each input, at what rate and size."""
-
-    frames: Frames = None
-    fps: Fps = None
-    size: Size = None
-    max_side: MaxSide = None
-    allow_partial: AllowPartial = False
-
-    def selection(self) -> Selection:
-        return selection(self.frames, self.fps, self.size, self.max_side, self.allow_partial)
