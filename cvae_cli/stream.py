@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import interrupt
 from .device import placement
 from .model import CausalVAE, CausalVAEConfig, StreamCache
-from .model.vae import frame_local
+from .model.slices import frame_local
 
 MODES = ("stream", "window", "whole")
 DEFAULT_CHUNK = 16  # frames per chunk after the first, at most (`auto_cut` shortens it for large frames)
@@ -77,7 +77,7 @@ def _exact_streaming(config_json: str) -> bool:
 
 
 def exact_streaming(config: CausalVAEConfig) -> bool:
-    """Whether streamed chunks equal the whole clip: the model is frame-local (`model.vae.frame_local`,
+    """Whether streamed chunks equal the whole clip: the model is frame-local (`model.slices.frame_local`,
     the one rule: per-frame norm and per-frame attention)."""
     return _exact_streaming(config.to_json())
 
