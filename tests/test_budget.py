@@ -180,8 +180,10 @@ def peak_rss(tmp_path: Path, *args) -> int:
 
 @pytest.mark.skipif(not os.environ.get("CVAE_SLOW_TESTS"), reason="three processes: set CVAE_SLOW_TESTS=1")
 def test_a_small_budget_keeps_a_large_clip_within_it_on_the_cpu(tmp_path, weights):
-    """The resident set above a tiny run's (the interpreter, torch, PyAV) stays within the budget,
-    where chunks of 16 frames would not."""
+    """The resident set above a tiny run's (the interpreter, torch, PyAV) stays within the budget
+    plus what the count does not see on the CPU (allocator arenas of the reader and writer threads,
+    oneDNN's buffers: about 170 MiB at any chunk, benchmarks/README.md; the default budget's margin
+    is there for it), where chunks of 16 frames would not."""
     make_video(tmp_path / "tiny.mp4", frames=1, width=32, height=32)
     make_video(tmp_path / "large.mp4", frames=17, width=320, height=240)
     runs = {}
@@ -189,4 +191,4 @@ def test_a_small_budget_keeps_a_large_clip_within_it_on_the_cpu(tmp_path, weight
                               ("chunk16", "large.mp4", ["--chunk", "16"])):
         runs[name] = peak_rss(tmp_path, "encode", tmp_path / clip, "-o", tmp_path / f"{name}.safetensors",
                               "-w", weights, "--device", "cpu", *extra)
-    assert runs["budget"] - runs["base"] <= 300 * MiB < runs["chunk16"] - runs["base"], runs
+    assert runs["budget"] - runs["base"] <= (300 + 256) * MiB < runs["chunk16"] - runs["base"], runs
