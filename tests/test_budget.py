@@ -73,6 +73,16 @@ def test_the_chosen_cut_fits_and_no_cut_preferred_to_it_does(fields, direction, 
         assert not too_small.fits and too_small.peak == min(peaks)
 
 
+def test_a_photo_too_large_for_the_budget_gets_the_largest_tiles_that_fit():
+    config = tiny_config(**FRAME_NORM)
+    whole = count(config, torch.float32, Levers(), "reconstruct", 400, 300, StreamOptions(), image=True)
+    choice = fit(config, torch.float32, Levers(), Budget(whole.peak("reconstruct") - 1), "stream", 400, 300,
+                 image=True)
+    assert choice.fits and choice.options == StreamOptions(mode="stream", chunk=16, tile=256)
+    larger = count(config, torch.float32, Levers(), "reconstruct", 400, 300, StreamOptions(tile=384), image=True)
+    assert larger.peak("reconstruct") > choice.budget.bytes  # two overlapping 384-pixel tiles: no gain
+
+
 def test_a_budget_that_holds_the_whole_window_keeps_a_clip_norm_frame_whole(tmp_path):
     """Today's fixed rule tiled a 640x360 clip-norm window by 256; with a budget that holds the
     whole window it runs untiled, so its latent equals --tile off exactly."""
