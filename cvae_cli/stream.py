@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from . import interrupt
-from .accel import layout
 from .device import placement
 from .model import CausalVAE, CausalVAEConfig, StreamCache
 
@@ -137,13 +136,23 @@ def plan(options: StreamOptions, factor: int, latent: bool) -> tuple[int, int, i
     return (1 + size, size, 0)
 
 
+TILE_OVERLAP = 0.25  # of a tile's side, shared with its neighbour and blended
+
+
 class Tiler:
     """Runs a step over overlapping spatial tiles, one stream cache per tile, blended linearly.
 
     `tile` is the tile side in the step's input units (pixels to encode, latents to decode);
-    `scale` is output size over input size (1/8 to encode, 8 to decode)."""
+    `scale` is output size over input size (1/8 to encode, 8 to decode).
 
-    def __init__(self, tile: int | None, scale: float, streaming: bool, overlap: float = 0.25):
+    The blend itself adds no seam: the weights of overlapping tiles sum to one everywhere, a tile's
+    own edge (where its convolutions saw padding) weighs at most 1/(blend+1), and a step that agrees
+    on the overlap comes out unchanged (tests/test_stream.py). Seams that remain are the tiles
+    disagreeing: a frame-norm model's GroupNorm and attention see one tile's statistics, not the
+    frame's (benchmarks/README.md, "Tile seams")."""
+
+    def __init__(self, tile: int | None, scale: float, streaming: bool, overlap: float | None = None):
+        overlap = TILE_OVERLAP if overlap is None else overlap
         self.tile, self.scale, self.streaming, self.overlap = tile, scale, streaming, overlap
         self.align = round(1 / scale) if scale < 1 else 1  # tile corners on whole latents
         self.caches: dict[tuple[int, int], StreamCache] = {}
@@ -267,7 +276,7 @@ def lockstep(sources: list[Iterator[tuple[torch.Tensor, bool]]], tiler: Tiler,
 def encode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None], torch.Tensor]:
     """One step of encoding, a (tile of a) chunk of pixels to its moments (mean and logvar stacked)."""
     def step(x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        post = model.encode(layout(x, model), cache)
+        post = model.encode(x, cache)
         return torch.cat([post.mean, post.logvar], dim=1)
     return step
 
@@ -275,7 +284,7 @@ def encode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None]
 def decode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None], torch.Tensor]:
     """One step of decoding, a (tile of a) chunk of latents to pixels."""
     def step(z: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        return model.decode(layout(z, model), cache)
+        return model.decode(z, cache)
     return step
 
 

@@ -1,9 +1,12 @@
 """Chunked inference against whole-clip inference, tiling, and memory that ignores video length."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.memory import LiveTensorBytes
 from cvae_cli.model import StreamCache
@@ -189,3 +192,38 @@ def test_auto_tiles_photos_past_1080p_but_streams_a_video_in_whole_frames():
     assert choose_options(exact, 3840, 2160, tile=256).tile == 256  # what the user gives stays
     assert choose_options(released, 3840, 2160, mode="stream").tile == 512  # approximate anyway: bounded
     assert choose_options(released, 3840, 2160) == StreamOptions(mode="window", chunk=16, tile=256)
+
+
+def test_the_tile_blend_adds_no_seam_to_a_real_photo():
+    """Steps that agree where tiles overlap (per pixel, 8x down, 8x up) come out of the tiler as
+    from the whole frame, to float32 rounding, on scikit-image's coffee photo: the weights sum to one
+    everywhere. Seams a model shows are its tiles disagreeing (per-tile GroupNorm statistics), which
+    `benchmarks/seams.py` measures."""
+    skimage = pytest.importorskip("skimage")
+    from PIL import Image
+
+    from cvae_cli.stream import Tiler
+
+    photo = np.array(Image.open(Path(skimage.__file__).parent / "data" / "coffee.png").convert("RGB"))
+    x = torch.from_numpy(photo[:400, :600]).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1  # (1, 3, 1, H, W)
+    steps = {
+        1.0: (lambda t, cache: t * 0.5 + 0.1),
+        1 / 8: (lambda t, cache: F.avg_pool3d(t, (1, 8, 8))),
+        8.0: (lambda t, cache: t.repeat_interleave(8, -1).repeat_interleave(8, -2)),
+    }
+    for scale, step in steps.items():
+        src = x if scale <= 1 else F.avg_pool3d(x, (1, 8, 8))
+        tile = 128 if scale <= 1 else 16
+        whole = step(src, None)
+        tiled = Tiler(tile, scale, streaming=False).run(step, src, final=True)
+        assert len(Tiler(tile, scale, False).spans(src.shape[-1])) > 3  # many seams
+        assert torch.allclose(tiled, whole, atol=2e-6), (scale, (tiled - whole).abs().max())
+
+
+def test_a_tile_edge_weighs_almost_nothing_where_a_neighbour_covers_it():
+    from cvae_cli.stream import Tiler
+
+    tiler = Tiler(128, 1.0, streaming=False)
+    ramp = tiler._ramp(torch.zeros(1, 1, 1, 128, 128), (True, True), (True, False))
+    assert ramp[0, 64] == ramp[127, 64] == ramp[64, 0] == pytest.approx(1 / 33)
+    assert ramp[64, 127] == 1  # the frame's own border: no neighbour, full weight

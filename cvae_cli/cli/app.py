@@ -53,7 +53,7 @@ class CvaeGroup(TyperGroup):
             out.error(str(e))
             raise typer.Exit(1) from None
         except interrupt.Interrupted as e:
-            out.error(f"{e.reason}: no partial output was kept")
+            out.error(f"{e.reason}: {e.outcome}")
             raise typer.Exit(e.status) from None
         except KeyboardInterrupt:
             out.error("interrupted: no partial output was kept")

@@ -33,11 +33,9 @@ def load_weights(weights: str | None, device, dtype, norm: str | None, fast: boo
         weights = str(path)
     model = load_model(weights, norm=norm, device=device, dtype=dtype)
     if fast or compile:
-        from ..accel import Acceleration, prepare
+        from ..accel import speed_up
 
-        # channels-last is left out: on an H200 it made encode and decode slower (benchmarks/README.md)
-        prepare(model, Acceleration(fused_norm=fast, compile=compile,
-                                    cudnn_benchmark=fast and str(device).startswith("cuda")))
+        speed_up(model, fast=fast, compile=compile)
     return model
 
 
