@@ -15,6 +15,7 @@ and replayed for the others (`_Replay`): a tiled count costs what an untiled one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -198,9 +199,16 @@ class Steps:
     conv: int
 
 
+def counted_levers(levers: Levers) -> Levers:
+    """The levers that change what is allocated; how kernels run (fused, compiled, autotuned) is
+    left out: the meta device runs none of it."""
+    names = {f.name for f in dataclasses.fields(levers)}
+    return replace(levers, **{k: False for k in ("fused_norm", "compile", "cudnn_benchmark") if k in names})
+
+
 def meta_model(config: CausalVAEConfig, dtype: torch.dtype, levers: Levers) -> CausalVAE:
     """The model as shapes only, for counting: built once per layout, dtype and levers."""
-    return _meta_model(config.to_json(), dtype, levers)
+    return _meta_model(config.to_json(), dtype, counted_levers(levers))
 
 
 @functools.lru_cache(maxsize=8)
@@ -302,6 +310,7 @@ def count(config: CausalVAEConfig, dtype: torch.dtype, levers: Levers, direction
     elif options.mode == "window" and frames is not None:
         frames = min(padded_length(frames), WINDOW_FRAMES)
     need = ("encode", "decode") if direction == "reconstruct" else (direction,)
+    levers = counted_levers(levers)
     steps = {d: _counted(config.to_json(), dtype, levers, d, width, height, options, image, frames, batch) for d in need}
     return Count(weight_bytes(meta_model(config, dtype, levers)), steps.get("encode"), steps.get("decode"))
 

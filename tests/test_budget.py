@@ -73,6 +73,16 @@ def test_the_chosen_cut_fits_and_no_cut_preferred_to_it_does(fields, direction, 
         assert not too_small.fits and too_small.peak == min(peaks)
 
 
+def test_a_photo_too_large_for_the_budget_gets_the_largest_tiles_that_fit():
+    config = tiny_config(**FRAME_NORM)
+    whole = count(config, torch.float32, Levers(), "reconstruct", 400, 300, StreamOptions(), image=True)
+    choice = fit(config, torch.float32, Levers(), Budget(whole.peak("reconstruct") - 1), "stream", 400, 300,
+                 image=True)
+    assert choice.fits and choice.options == StreamOptions(mode="stream", chunk=16, tile=256)
+    larger = count(config, torch.float32, Levers(), "reconstruct", 400, 300, StreamOptions(tile=384), image=True)
+    assert larger.peak("reconstruct") > choice.budget.bytes  # two overlapping 384-pixel tiles: no gain
+
+
 def test_a_budget_that_holds_the_whole_window_keeps_a_clip_norm_frame_whole(tmp_path):
     """Today's fixed rule tiled a 640x360 clip-norm window by 256; with a budget that holds the
     whole window it runs untiled, so its latent equals --tile off exactly."""
@@ -180,8 +190,10 @@ def peak_rss(tmp_path: Path, *args) -> int:
 
 @pytest.mark.skipif(not os.environ.get("CVAE_SLOW_TESTS"), reason="three processes: set CVAE_SLOW_TESTS=1")
 def test_a_small_budget_keeps_a_large_clip_within_it_on_the_cpu(tmp_path, weights):
-    """The resident set above a tiny run's (the interpreter, torch, PyAV) stays within the budget,
-    where chunks of 16 frames would not."""
+    """The resident set above a tiny run's (the interpreter, torch, PyAV) stays within the budget
+    plus what the count does not see on the CPU (allocator arenas of the reader and writer threads,
+    oneDNN's buffers: about 170 MiB at any chunk, benchmarks/README.md; the default budget's margin
+    is there for it), where chunks of 16 frames would not."""
     make_video(tmp_path / "tiny.mp4", frames=1, width=32, height=32)
     make_video(tmp_path / "large.mp4", frames=17, width=320, height=240)
     runs = {}
@@ -189,4 +201,4 @@ def test_a_small_budget_keeps_a_large_clip_within_it_on_the_cpu(tmp_path, weight
                               ("chunk16", "large.mp4", ["--chunk", "16"])):
         runs[name] = peak_rss(tmp_path, "encode", tmp_path / clip, "-o", tmp_path / f"{name}.safetensors",
                               "-w", weights, "--device", "cpu", *extra)
-    assert runs["budget"] - runs["base"] <= 300 * MiB < runs["chunk16"] - runs["base"], runs
+    assert runs["budget"] - runs["base"] <= (300 + 256) * MiB < runs["chunk16"] - runs["base"], runs

@@ -123,13 +123,9 @@ def test_many_inputs_go_on_after_a_failure_and_summarize(tmp_path, weights):
     assert r.exit_code == 0 and "0 done, 2 skipped" in r.output
 
 
-def test_auto_tiles_a_large_photo_but_not_a_large_video(tmp_path, weights, monkeypatch):
-    """`--tile auto` past its threshold (lowered here to this test's size): a photo is tiled, a video
-    of a model that streams exactly keeps whole frames, encoding and decoding alike."""
-    from cvae_cli import stream
-
-    monkeypatch.setattr(stream, "TILE_ABOVE", 64 * 48)
-    monkeypatch.setattr(stream, "AUTO_TILE", 64)
+def test_auto_keeps_whole_frames_that_fit_the_budget(tmp_path, weights, monkeypatch):
+    """`--tile auto` keeps whole frames where they fit the memory budget, photo and video, encoding
+    and decoding alike (tiles where they do not: tests/test_budget.py); a tile asked for is used."""
     cuts = []
     for name in ("encode_batch", "decode_latents"):
         real = getattr(tokenizer, name)
@@ -139,9 +135,9 @@ def test_auto_tiles_a_large_photo_but_not_a_large_video(tmp_path, weights, monke
     media.write_image(tmp_path / "p.png", np.full((70, 94, 3), 90, np.uint8))
     for name in ("v.mp4", "p.png"):
         z = tmp_path / f"{name}.safetensors"
-        assert cvae("encode", tmp_path / name, "-o", z, "-w", weights).exit_code == 0
+        assert cvae("encode", tmp_path / name, "-o", z, "-w", weights, "--memory-budget", "4GiB").exit_code == 0
         assert cvae("decode", z, "-o", tmp_path / f"out-{name}", "-w", weights).exit_code == 0
-    assert cuts == [None, None, 64, 64]
+    assert cuts == [None, None, None, None]
     assert cvae("encode", tmp_path / "v.mp4", "-o", tmp_path / "t.safetensors", "-w", weights,
                 "--tile", "64").exit_code == 0 and cuts[-1] == 64  # asked for: tiled
 
