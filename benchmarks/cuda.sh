@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 11 in one call, for a lent GPU's short lease: the CUDA tests, the lever
-# table at 720p (benchmarks/bench.py), the CLI end to end on a 720p video, compiled rows, and a few
-# training steps. Each step has its own time limit and logs under $OUT as it goes, so a cut-off
-# run still returns what it finished.
+# Every GPU check of issues 11 and 20 in one call, for a lent GPU's short lease: the CUDA tests,
+# `cvae bench --compare` at 720p (the plain path, the default levers, --fast, --compile), the compile
+# warm-up per block against the whole step, and, where PyAV is installed, the CLI end to end on a
+# 720p video and a few training steps. Each step has its own time limit and logs under $OUT as it
+# goes, so a cut-off run still returns what it finished. Run from the source tree (no install).
 #
 #   CVAE_FIXTURES=/path/to/fixtures OUT=results-cuda bash benchmarks/cuda.sh [budget seconds]
 #   DEVICE=cpu SIZE=64x64 WIDTH=32 bash benchmarks/cuda.sh 300    # a smoke run of the script itself
-#
-# Needs PyAV for the CLI steps.
 set -u
 export OUT=${OUT:-benchmarks/results-cuda} DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-1280x720} WIDTH=${WIDTH:-128}
-BUDGET=${1:-480}
+BUDGET=${1:-540}
 mkdir -p "$OUT"
 export LOG="$OUT/cuda.log" PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TIMEFORMAT="%R s"
 
@@ -28,8 +27,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit (never past the budge
 cli_720p() {  # the CLI as a user runs it: a released-layout model (random weights), a 97-frame H.264 video
     python3 - <<'EOF' || return
 import os, sys, torch
-sys.path.insert(0, "benchmarks")
-from bench import frames_of
+from cvae_cli.bench import frames_of
 from cvae_cli.checkpoints import save_model
 from cvae_cli.media import VideoWriter
 from cvae_cli.model import CausalVAE, CausalVAEConfig
@@ -61,21 +59,19 @@ train() {  # a few steps of the released-size model, then a resume to more steps
 export -f cli_720p train
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, av; print('torch', torch.__version__, 'av', av.__version__)"; } >>"$LOG" 2>&1
+  python3 -c "import torch; print('torch', torch.__version__)"
+  python3 -c "import av; print('av', av.__version__)"; } >>"$LOG" 2>&1
+have_av() { python3 -c "import av" 2>/dev/null; }
 
 # Quick steps first; compilation (minutes of warm-up on a 16-core host) last, with what time is left.
-step tests 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_model.py tests/test_accel.py tests/test_device.py \
+step tests 90 python3 -m pytest -q -s -p no:cacheprovider tests/test_model.py tests/test_accel.py tests/test_device.py \
     -k "cuda and not all_levers"
-bench=(python3 benchmarks/bench.py --device "$DEVICE" --size "$SIZE" --width "$WIDTH" --repeat 3)
-step bench-levers 150 "${bench[@]}" --frames 17 --out "$OUT/bench-levers.json" \
-    --rows "plain,fold_start,phase_upsample,slices,levers (default),levers+channels_last,levers+fused_norm"
-step bench-chunk4 60 "${bench[@]}" --frames 13 --chunk 4 --out "$OUT/bench-chunk4.json" \
-    --rows "plain,levers (default),levers+fused_norm"
-# Frame norm: the layout memory.py counts, where the slices run (one 720p frame at a time).
-step bench-chunk4-frame 60 "${bench[@]}" --frames 13 --chunk 4 --norm frame --out "$OUT/bench-chunk4-frame.json" \
-    --rows "plain,levers (default)"
-step cli 100 bash -c cli_720p
-step train 60 bash -c train
-step tests-compile 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_accel.py -k "cuda and all_levers"
-step bench-compile 400 "${bench[@]}" --frames 17 --rows "plain,levers (default),levers+all" --out "$OUT/bench-compile.json"
+step bench-compare 200 python3 -m cvae_cli bench --config v1.0.0 --size "$SIZE" --frames 17 --compare \
+    --device "$DEVICE" --json "$OUT/bench-compare.json"
+# Warm-up of --compile: per block (now) against the whole step (before), each in a fresh process.
+compile=(python3 benchmarks/compile.py --device "$DEVICE" --dtype bfloat16 --size "$SIZE" --width "$WIDTH" --frames 33 --chunk 8 --repeat 2)
+step compile-blocks 150 "${compile[@]}" --variant blocks,eager --out "$OUT/compile-blocks.json"
+have_av && step cli 100 bash -c cli_720p
+step compile-whole 240 "${compile[@]}" --variant whole,eager --out "$OUT/compile-whole.json"
+have_av && step train 60 bash -c train
 echo "== done in ${SECONDS}s" >>"$LOG"

@@ -3,116 +3,113 @@
     python benchmarks/memory.py --targets 720p,1080p,4K --chunk 4 --tile 512          # seconds
     python benchmarks/memory.py --device cpu --dtype float32 --targets 64x48 --width 32 # the same count, computed
 
-`LiveTensorBytes` adds up every tensor alive at once, op by op. By default the model runs on the
-meta device: shapes only, no arithmetic and no memory, while every op still makes its outputs as it
-would on a real device, so a 4K count takes seconds and does not depend on how busy the machine is.
-On the CPU (`--device cpu`) the same count gives the same bytes (tests/test_levers.py checks it).
-It sees the model's own tensors (activations, causal caches, inputs and outputs): backend scratch
-(cuDNN / oneDNN workspaces, copies made inside a kernel) and allocator slack come on top, so a GPU's
-`max_memory_allocated` reads somewhat higher. Weights are not counted (v1.0.0: 229 M parameters,
-0.43 GiB in bf16).
+    python benchmarks/memory.py --budgets 8,24,80,140 --cuda                            # the cut each budget gets
 
-Steps run as `stream` runs them: encode chunks of 1 + c, c, c frames; decode one latent a step
-(chunk 4), then the empty step that flushes; a photo is one frame through encode, then decode.
-`--tile` cuts every frame into `stream.Tiler`'s overlapping tiles, each with its own caches, for
-frames larger than one tile. Rows: the plain path (`Levers.off()`) and the levers (`Levers()`).
+The count is `cvae_cli.budget` (what `--memory-budget` uses): `LiveTensorBytes` adds up every tensor
+alive at once, op by op, on the meta device (shapes only, no arithmetic and no memory), so a 4K count
+takes seconds and does not depend on how busy the machine is. On the CPU (`--device cpu`) the same
+count gives the same bytes (tests/test_levers.py checks it). It sees the model's own tensors
+(activations, causal caches, inputs and outputs, blend buffers); backend scratch and allocator slack
+come on top (on a GPU, cuDNN's copies of one convolution's input and output: `--cuda` adds them).
+Weights are not counted in the rows (v1.0.0: 229 M parameters, 0.43 GiB in bf16); `--budgets`
+counts them.
+
+Steps run as `stream` runs them: encode chunks of 1 + c, c, c frames; decode the same in latents,
+then the empty step that flushes; a photo is one frame through encode, then decode. `--tile` cuts
+every frame into `stream.Tiler`'s overlapping tiles, each with its own caches, for frames larger
+than one tile. Rows: the plain path (`Levers.off()`) and the levers (`Levers()`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import weakref
+import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cvae_cli.budget import Budget, LiveTensorBytes, Policy, count_steps, describe_cut  # noqa: E402,F401
+from cvae_cli.errors import CvaeError  # noqa: E402
 from cvae_cli.model import CausalVAE, CausalVAEConfig, Levers  # noqa: E402
-from cvae_cli.stream import AUTO_TILE, TILE_ABOVE, Tiler  # noqa: E402
+from cvae_cli.stream import AUTO_TILE, TILE_ABOVE, StreamOptions  # noqa: E402
 
 TARGETS = {"720p": (1280, 720), "1080p": (1920, 1088), "4K": (3840, 2160)}
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage alive at once, counted exactly: every op's outputs are tracked
-    until the last tensor viewing their storage is garbage. Tensors made before entering (the
-    weights) are not counted. Any device, the meta device included (storages are told apart by
-    identity, not by address: meta storages have none). `at_peak` names the op that made the peak
-    and the shapes of the largest storages alive then."""
-
-    def __init__(self):
-        super().__init__()
-        self.refs: dict[int, int] = {}
-        self.sizes: dict[int, int] = {}
-        self.shapes: dict[int, tuple] = {}
-        self.live = self.peak = 0
-        self.at_peak: tuple[str, list[tuple[int, tuple]]] = ("", [])
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self.refs:
-                    self.refs[key], self.sizes[key], self.shapes[key] = 0, storage.nbytes(), tuple(t.shape)
-                    self.live += self.sizes[key]
-                    if self.live > self.peak:
-                        self.peak = self.live
-                        self.at_peak = (str(func), sorted(((self.sizes[k], self.shapes[k]) for k in self.sizes),
-                                                          key=lambda s: -s[0])[:8])
-                self.refs[key] += 1
-                weakref.finalize(t, self._drop, key)
-        return out
-
-    def _drop(self, key: int) -> None:
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            self.live -= self.sizes.pop(key)
-            del self.refs[key], self.shapes[key]
-
-
-def cache_bytes(tiler: Tiler) -> int:
-    """Bytes of every causal cache that the tiles (or the one whole frame) keep between steps."""
-    def leaves(v):
-        return [t for x in v for t in leaves(x)] if isinstance(v, tuple) else [v] if isinstance(v, torch.Tensor) else []
-    return sum(t.numel() * t.element_size() for c in tiler.caches.values() for v in c.state.values() for t in leaves(v))
-
-
-@torch.inference_mode()
 def measure(model: CausalVAE, width: int, height: int, chunk: int = 4, tile: int | None = None,
             explain: bool = False) -> dict:
-    """Peak live bytes streaming 1 + 3*chunk frames (encode) and their latents (decode), and of a
-    photo (one frame, encode then decode), with the largest total of caches kept between steps;
-    on the model's device and dtype. With `explain`, also what was alive at each peak."""
-    p = next(model.parameters())
-    fs, ft = model.config.space_compression, model.config.time_compression
-    x = torch.zeros(1, 3, 1 + 3 * chunk, height, width, device=p.device, dtype=p.dtype)
-    z = torch.zeros(1, model.config.embed_dim, 1 + 3 * chunk // ft, height // fs, width // fs,
-                    device=p.device, dtype=p.dtype)
-    encode = lambda piece, cache: model.encode(piece, cache).mean
-    decode = lambda piece, cache: model.decode(piece, cache)
-    out: dict = {"encode caches": 0, "decode caches": 0}
-    cuts = [0, 1 + chunk, 1 + 2 * chunk, 1 + 3 * chunk]
-    tiler = Tiler(tile, 1 / fs, streaming=True)
-    with LiveTensorBytes() as counter:
-        for i in range(3):
-            tiler.run(encode, x[:, :, cuts[i]:cuts[i + 1]], final=i == 2)
-            out["encode caches"] = max(out["encode caches"], cache_bytes(tiler))
-    out["encode"], out["encode at"] = counter.peak, counter.at_peak
-    tiler = Tiler(tile and tile // fs, fs, streaming=True)
-    with LiveTensorBytes() as counter:
-        for i in range(z.shape[2] + 1):  # one latent a step (chunk 4), then the flush (T = 0)
-            tiler.run(decode, z[:, :, i:i + 1], final=i == z.shape[2])
-            out["decode caches"] = max(out["decode caches"], cache_bytes(tiler))
-    out["decode"], out["decode at"] = counter.peak, counter.at_peak
-    with LiveTensorBytes() as counter:
-        latent = Tiler(tile, 1 / fs, streaming=True).run(encode, x[:, :, :1], final=True)
-        Tiler(tile and tile // fs, fs, streaming=True).run(decode, latent, final=True)
-    out["photo"], out["photo at"] = counter.peak, counter.at_peak
+    """Peak live bytes streaming a video (encode: chunks of 1 + c, c, c frames; decode: the same in
+    latents, then the flush), and of a photo (one frame, encode then decode), with the largest
+    total of caches kept between steps; on the model's device and dtype (`budget.count_steps`). With
+    `explain`, also what was alive at each peak."""
+    options, out = StreamOptions(chunk=chunk, tile=tile), {}
+    for direction in ("encode", "decode"):
+        steps, counter = count_steps(model, direction, width, height, options, explain=explain, replay=not explain)
+        out[direction], out[direction + " caches"], out[direction + " at"] = steps.peak, steps.held, counter.at_peak
+    photo = [count_steps(model, d, width, height, options, image=True, explain=explain)[0] for d in ("encode", "decode")]
+    out["photo"], out["photo at"] = max(s.peak for s in photo), ("", [])
     return out
+
+
+def budget_table(args) -> None:
+    """The cut `--chunk auto --tile auto` takes under each budget, and its counted peak (weights
+    and, with --cuda, cuDNN's copies included), for encode and decode."""
+    dtype = getattr(torch, args.dtype)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    print(f"# torch {torch.__version__}; {dtype}; hidden_size {args.width}; counted on the meta device"
+          f"{', with cuDNN copies' if args.cuda else ''}. Cut chosen (counted GiB):")
+    print("| norm | size | direction | " + " | ".join(f"{b:g} GiB" for b in budgets) + " |")
+    print("|---|---|---|" + "---|" * len(budgets))
+    for norm in args.norms.split(","):
+        fields = dict(norm=norm) if norm == "clip" else dict(norm="frame", encoder_attention="AttnBlock3DFix",
+                                                              decoder_attention="AttnBlock3DFix")
+        config = CausalVAEConfig(hidden_size=args.width, **fields)
+        for name in args.targets.split(","):
+            w, h = size(name)
+            for direction in ("encode", "decode"):
+                cells = []
+                for b in budgets:
+                    policy = Policy(config, dtype, Levers(), Budget(int(b * 2**30), direction, args.cuda))
+                    t = time.perf_counter()
+                    try:
+                        choice = policy.choice(w, h)
+                        cells.append(f"{describe_cut(choice.options)} ({choice.peak / 2**30:.1f})")
+                    except CvaeError:
+                        cells.append(f"does not fit ({policy.last.peak / 2**30:.1f})")
+                    print(f"#   {norm} {name} {direction} {b:g} GiB: chosen in {time.perf_counter() - t:.2f} s",
+                          file=sys.stderr, flush=True)
+                print(f"| {norm} | {name} | {direction} | " + " | ".join(cells) + " |", flush=True)
+
+
+def choice_cost(args) -> None:
+    """CPU seconds to choose a cut at each size (count cache cleared first), and again (cached)."""
+    from cvae_cli.budget import _counted
+
+    dtype, gib = getattr(torch, args.dtype), float(args.cost)
+    for norm in args.norms.split(","):
+        fields = dict(norm=norm) if norm == "clip" else dict(norm="frame", encoder_attention="AttnBlock3DFix",
+                                                              decoder_attention="AttnBlock3DFix")
+        config = CausalVAEConfig(hidden_size=args.width, **fields)
+        for name in args.targets.split(","):
+            w, h = size(name)
+            for direction in ("encode", "decode"):
+                _counted.cache_clear()
+                policy = Policy(config, dtype, Levers(), Budget(int(gib * 2**30), direction, args.cuda))
+                wall, cpu = time.perf_counter(), time.process_time()
+                try:
+                    o = policy.choice(w, h).options
+                    chosen = f"{o.mode} chunk {o.chunk} tile {o.tile}"
+                except CvaeError:
+                    chosen = "does not fit"
+                counts = _counted.cache_info().misses
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                again = time.process_time()
+                if chosen != "does not fit":
+                    policy.choice(w, h)
+                again = time.process_time() - again
+                print(f"| {norm} | {name} | {direction} | {gib:g} | {chosen} | {counts} | {cpu:.2f} | "
+                      f"{cpu / counts:.2f} | {again * 1000:.1f} | {wall:.1f} |", flush=True)
 
 
 def size(text: str) -> tuple[int, int]:
@@ -133,7 +130,15 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="meta", help="meta: shapes only (seconds at 4K); cpu: computed")
     ap.add_argument("--explain", action="store_true", help="print the op and the largest tensors alive at each peak")
+    ap.add_argument("--budgets", help="instead: the cut chosen under each budget (GiB, e.g. 8,24,80,140)")
+    ap.add_argument("--norms", default="frame,clip", help="with --budgets: the norms to count")
+    ap.add_argument("--cuda", action="store_true", help="with --budgets: add cuDNN's copies, as on a GPU")
+    ap.add_argument("--cost", help="instead: the CPU cost of choosing a cut under this budget (GiB)")
     args = ap.parse_args(argv)
+    if args.cost:
+        return choice_cost(args)
+    if args.budgets:
+        return budget_table(args)
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)

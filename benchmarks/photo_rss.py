@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench import frames_of  # noqa: E402
+from cvae_cli.bench import frames_of  # noqa: E402
 from cvae_cli.model import CausalVAE, CausalVAEConfig, Levers  # noqa: E402
 from cvae_cli.stream import StreamOptions, auto_cut, decode_latents, encode_frames  # noqa: E402
 

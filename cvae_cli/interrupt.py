@@ -21,11 +21,12 @@ _STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as s
 
 
 class Interrupted(KeyboardInterrupt):
-    """The run was asked to stop; `status` is the exit status the process should end with."""
+    """The run was asked to stop; `status` is the exit status the process should end with, and
+    `outcome` what the stop left behind (the second half of the one line the user sees)."""
 
-    def __init__(self, reason: str, status: int = 130):
+    def __init__(self, reason: str, status: int = 130, outcome: str = "no partial output was kept"):
         super().__init__(reason)
-        self.reason, self.status = reason, status
+        self.reason, self.status, self.outcome = reason, status, outcome
 
     def __str__(self) -> str:
         return self.reason

@@ -21,11 +21,13 @@ import torch
 
 from . import interrupt, media
 from .atomic import remove_stale
+from .budget import Policy, is_out_of_memory, out_of_memory, within_memory
 from .checkpoints import model_id
 from .errors import CvaeError
 from .latents import LatentFile, LatentMeta, LatentWriter, check_compatible
 from .metrics import FrameMetrics, frames_to_tensor
 from .model import CausalVAE, DiagonalGaussian
+from .device import dtype_name, placement
 from .stream import StreamOptions, decode_latents, encode_batch, encode_frames, padded_length, padded_size
 
 Progress = Callable[[int], None]
@@ -46,21 +48,18 @@ def per_input(error: BaseException) -> bool:
     return isinstance(error, CvaeError) or is_out_of_memory(error)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
-
-
-def attempt(run: Callable[[], list], count: int) -> list:
-    """`run()`, or, when it fails by `per_input`, that error for each of its `count` inputs (after
-    giving back the memory a failed GPU step held). Other failures propagate."""
+def attempt(run: Callable[[Options], list], count: int, options: Options, where: str, device=None,
+            note: Callable[[str], None] | None = None) -> list:
+    """`run(options)`, once more with a smaller cut if it runs out of memory (`budget.within_memory`),
+    or, when it fails by `per_input`, that error for each of its `count` inputs. Other failures
+    propagate."""
     try:
-        return run()
+        return within_memory(run, options, where, device, note or (lambda message: None))
     except Exception as error:
         if not per_input(error):
             raise
-        if is_out_of_memory(error) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if is_out_of_memory(error):  # not from the model's steps: still one line, for this input
+            error = out_of_memory(error, where, device)
         return [error] * count
 
 
@@ -165,6 +164,10 @@ class Selection:
         """The (width, height) the model will see (before padding to multiples of 8)."""
         return self.resize(info) or (info.width, info.height)
 
+    def model_shape(self, info: media.MediaInfo) -> tuple[int, int, bool, int | None]:
+        """(width, height, is an image, expected frames): what the cut for this input depends on."""
+        return (*self.model_size(info), info.is_image, self.expected_frames(info))
+
     def expected_frames(self, info: media.MediaInfo) -> int | None:
         """How many frames this selects, from the video's length (`media.MediaInfo.frame_count`):
         for progress bars and planning only (a damaged file decodes fewer). Without a length, a
@@ -202,8 +205,19 @@ class Result:
     metrics_error: str | None = None  # why scoring stopped (the output was written all the same)
 
 
-def _options(options: Options, width: int, height: int, image: bool) -> StreamOptions:
+def _options(options: Options, width: int, height: int, image: bool, frames: int | None = None,
+             batch: int = 1) -> StreamOptions:
+    if isinstance(options, Policy):  # the budget's count depends on the length (whole clips) and batch
+        return options(width, height, image, frames=frames, batch=batch)
     return options(width, height, image) if callable(options) else options
+
+
+def check_finite(latent: torch.Tensor, where: str) -> None:
+    """CvaeError when an encoded latent holds NaN or infinity (fp16 overflow on some cards, a broken
+    driver): such a file would decode to garbage, so it is never written."""
+    if not torch.isfinite(latent).all():
+        raise CvaeError(f"{where}: the latent holds NaN or infinite values, computed in {dtype_name(latent.dtype)}; "
+                        "nothing was written (try --dtype bf16 or --dtype fp32)")
 
 
 def _opened(source: media.MediaFile | Path, stack: contextlib.ExitStack) -> media.MediaFile:
@@ -293,10 +307,20 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
                                                                      prefetch))) for run in live]
         streams = [guarded(run, reader) for run, reader in zip(live, readers)]
         image = all(run.source.info.is_image for run in live)
-        chunks = encode_batch(model, streams, _options(options, width, height, image), [run.read for run in live])
+        lengths = [run.select.expected_frames(run.source.info) for run in live]
+        frames = None if None in lengths else max(lengths)
+        opts = _options(options, width, height, image, frames, len(live))
+        chunks = encode_batch(model, streams, opts, [run.read for run in live])
         with contextlib.closing(background(chunks, prefetch)) as chunks:
             for i, mean, logvar in chunks:
                 run = live[i]
+                if run.outcome is None and not torch.isfinite(mean).all():
+                    try:
+                        check_finite(mean, str(run.source.path))
+                    except CvaeError as e:  # this input fails; its writer is aborted on the way out
+                        run.outcome = e
+                    if all(r.outcome is not None for r in live):
+                        break
                 if run.outcome is None:
                     latent = mean if seed is None else DiagonalGaussian(mean[None].float(), logvar[None].float()) \
                         .sample(seed=seed, first_frame=run.latents)[0]
@@ -363,7 +387,8 @@ def batched(items: Iterable, size: int, key: Callable | None = None, held: int =
 def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path | Callable[[], media.MediaFile], Path, Selection]],
                 options: Options, *,
                 batch_size: int = 1, seed: int | None = None, save_logvar: bool = False,
-                progress: ProgressFactory | None = None) -> Iterator[tuple[int, Result | Exception]]:
+                progress: ProgressFactory | None = None,
+                note: Callable[[str], None] | None = None) -> Iterator[tuple[int, Result | Exception]]:
     """Encode many (input, output, selection) jobs, `batch_size` of one model size at a time,
     opening each input once (an input may be a function that opens it, e.g. `samples.ClipReaders`);
     yield (job index, outcome) as outcomes come. A failure of one input
@@ -390,8 +415,13 @@ def encode_many(model: CausalVAE, jobs: Sequence[tuple[Path | Callable[[], media
         name = batch[0][0].path.name if len(batch) == 1 else f"{len(batch)} files"
         with progress(name, None if None in expected else sum(expected)) if progress else \
                 contextlib.nullcontext(None) as advance:
-            outcomes = attempt(lambda: encode_files(model, batch, options, seed=seed, save_logvar=save_logvar,
-                                                    progress=advance), len(batch))
+            where = str(batch[0][0].path) if len(batch) == 1 else f"{len(batch)} files ({batch[0][0].path}, ...)"
+            again = [jobs[k] for k, _ in group]  # a retry after running out of memory opens its inputs afresh
+            tries = iter([lambda: batch, lambda: [(src() if callable(src) else src, dst, select)
+                                                  for src, dst, select in again]])
+            outcomes = attempt(lambda opts: encode_files(model, next(tries)(), opts, seed=seed, save_logvar=save_logvar,
+                                                         progress=advance), len(batch), options, where,
+                               placement(model)[0], note)
         yield from ((k, outcome) for (k, _), outcome in zip(group, outcomes))
     yield from failed
 
@@ -451,7 +481,7 @@ def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Op
     check_compatible(meta, model_id(model), model.config, where=str(latent.path), force=force)
     check_output_kind(dst, image=meta.fps is None)
     remove_stale(dst)
-    opts = _options(options, meta.width, meta.height, image=meta.fps is None)
+    opts = _options(options, meta.width, meta.height, meta.fps is None, meta.padded_frames)
     step = max(1, opts.chunk // model.config.time_compression)
     chunks = decode_latents(model, latent.iter_chunks(step), opts, meta.height, meta.width)
     frames = _write_frames(dst, background(chunks, prefetch), meta.fps, meta.frames, crf, progress,
@@ -476,7 +506,7 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
         check_output_kind(dst, image=info.is_image)
         remove_stale(dst)
         width, height = select.model_size(info)
-        opts = _options(options, width, height, info.is_image)
+        opts = _options(options, width, height, info.is_image, select.expected_frames(info))
         times: list = []  # the input's frame times, kept for the output (filled ahead of the writer)
         pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
         scores = FrameMetrics() if metrics else None
@@ -506,7 +536,12 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
             return np.concatenate([inputs, chunk], axis=2) if side_by_side else chunk
 
         frames = stack.enter_context(contextlib.closing(background(select.frames(source, times), prefetch)))
-        latents = (mean for mean, _ in encode_frames(model, remember(frames), opts))
+        def finite(chunks):
+            for mean, _ in chunks:
+                check_finite(mean, str(source.path))
+                yield mean
+
+        latents = finite(encode_frames(model, remember(frames), opts))
         chunks = background(decode_latents(model, latents, opts, height, width), prefetch)
         keep_times = not (info.is_image or select.fps)
         count = _write_frames(dst, chunks, None if info.is_image else select.output_fps(info), 2**62, crf,

@@ -1,12 +1,27 @@
 """Loss curves of training runs, from their loss.csv: one run's `loss.png`, or several runs overlaid
-(`cvae plot`; the report's tail-vs-center figure is one call). matplotlib is an optional extra."""
+(`cvae plot`; the report's tail-vs-center figure is one call). matplotlib is an optional extra.
+
+`train` writes loss.csv and imports this module to read and draw it; nothing here imports `train`."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Sequence
 
 from .atomic import atomic_path
 from .errors import CvaeError
+
+
+LOSS_CSV = "loss.csv"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a loss.csv, as strings."""
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError as e:
+        raise CvaeError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _pyplot():
@@ -22,8 +37,6 @@ def _pyplot():
 
 def run_curves(run: Path, column: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one column of a run's loss.csv, skipping rows where it is empty."""
-    from .train import LOSS_CSV, read_rows
-
     path = Path(run) / LOSS_CSV if Path(run).is_dir() else Path(run)
     if not path.exists():
         raise CvaeError(f"{run} has no {LOSS_CSV}: is it a `cvae train --out` folder?")

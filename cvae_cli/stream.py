@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from . import interrupt
-from .accel import layout
 from .device import placement
 from .model import CausalVAE, CausalVAEConfig, StreamCache
 
@@ -73,7 +72,9 @@ def exact_streaming(config: CausalVAEConfig) -> bool:
 
 def choose_options(config: CausalVAEConfig, width: int, height: int, mode: str = "auto",
                    chunk: int | None = None, tile: int | str | None = "auto", image: bool = False) -> StreamOptions:
-    """The cut for a frame size (and whether the input is one image), where the user left it open:
+    """The cut for a frame size (and whether the input is one image), where the user left it open,
+    by fixed sizes, for a caller without a memory budget; the commands choose by the exact count
+    against a budget instead (`budget.Policy`):
     mode `auto` streams a model that streams exactly and cuts any other (the released clip-norm
     checkpoints) as Open-Sora-Plan does, in 65-frame windows overlapping by one, with its 256-pixel
     tiles where a window's pixels exceed the chunk budget.
@@ -225,16 +226,26 @@ def frames_to_pixels(frames: Sequence[np.ndarray], device: torch.device, dtype: 
     x = torch.from_numpy(np.stack(frames))
     if device.type == "cuda":
         x = x.pin_memory().to(device, non_blocking=True)
+    return uint8_to_pixels(x, device, dtype, factor)
+
+
+def uint8_to_pixels(x: torch.Tensor, device: torch.device, dtype: torch.dtype, factor: int = 8) -> torch.Tensor:
+    """uint8 (T, H, W, 3) on the device -> (1, 3, T, H', W') in [-1, 1] (what `budget` counts too)."""
     x = x.permute(3, 0, 1, 2).unsqueeze(0).float().div_(127.5).sub_(1).to(dtype)  # one rounding
     h, w = x.shape[-2:]
     pad = (0, padded_size(w, factor) - w, 0, padded_size(h, factor) - h, 0, 0)
     return F.pad(x, pad, mode="replicate") if any(pad) else x
 
 
+def pixels_to_uint8(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(1, 3, T, H', W') in [-1, 1] -> uint8 (T, height, width, 3) on x's device, padding cropped."""
+    x = x[0, :, :, :height, :width].float().add(1).mul_(127.5).round_().clamp_(0, 255)  # x stays the caller's
+    return x.to(torch.uint8).permute(1, 2, 3, 0)
+
+
 def pixels_to_frames(x: torch.Tensor, height: int, width: int) -> np.ndarray:
     """(1, 3, T, H', W') in [-1, 1] -> uint8 (T, height, width, 3) on the CPU, padding cropped."""
-    x = x[0, :, :, :height, :width].float().add(1).mul_(127.5).round_().clamp_(0, 255)  # x stays the caller's
-    return x.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    return pixels_to_uint8(x, height, width).cpu().numpy()
 
 
 def lockstep(sources: list[Iterator[tuple[torch.Tensor, bool]]], tiler: Tiler,
@@ -262,6 +273,21 @@ def lockstep(sources: list[Iterator[tuple[torch.Tensor, bool]]], tiler: Tiler,
         cohorts = later
 
 
+def encode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None], torch.Tensor]:
+    """One step of encoding, a (tile of a) chunk of pixels to its moments (mean and logvar stacked)."""
+    def step(x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+        post = model.encode(x, cache)
+        return torch.cat([post.mean, post.logvar], dim=1)
+    return step
+
+
+def decode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None], torch.Tensor]:
+    """One step of decoding, a (tile of a) chunk of latents to pixels."""
+    def step(z: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+        return model.decode(z, cache)
+    return step
+
+
 @torch.inference_mode()
 def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]], options: StreamOptions,
                  counters: Sequence[list[int]] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -275,12 +301,8 @@ def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]], option
                 for group, last in groups(pad_frames(frames, ft, n), first, size, overlap))
                for frames, n in zip(clips, counters)]
 
-    def step(x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        post = model.encode(layout(x, model), cache)
-        return torch.cat([post.mean, post.logvar], dim=1)
-
     seen = [0] * len(clips)
-    for i, moments in lockstep(sources, Tiler(options.tile, 1 / fs, options.mode == "stream"), step):
+    for i, moments in lockstep(sources, Tiler(options.tile, 1 / fs, options.mode == "stream"), encode_step(model)):
         moments = moments[0, :, overlap:] if overlap and seen[i] else moments[0]
         seen[i] += 1
         yield (i, *moments.chunk(2, dim=0))
@@ -316,12 +338,9 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
             else:                        # streamed decode). A lone latent (an image) holds nothing back.
                 yield z, last
 
-    def step(z: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
-        return model.decode(layout(z, model), cache)
-
     seen = [0] * len(latents)
     tiler = Tiler(options.tile and options.tile // fs, fs, streaming=streaming)
-    for i, x in lockstep([source(c) for c in latents], tiler, step):
+    for i, x in lockstep([source(c) for c in latents], tiler, decode_step(model)):
         x = x[:, :, overlap:] if overlap and seen[i] else x
         seen[i] += 1
         if x.shape[2]:

@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,19 +37,73 @@ from .atomic import atomic_path
 from .checkpoints import load_model, save_model, save_sd_vae
 from .errors import CvaeError
 from .metrics import psnr, ssim
+from .plot import LOSS_CSV, plot_runs, read_rows
 from .model import CausalVAE, CausalVAEConfig, DiagonalGaussian, image_config, v1_1_0_config
 from .model.blocks import AttnBlock3DFix, ResnetBlock2D, ResnetBlock3D
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.safetensors"
 FINAL_SD = "final-sd-vae.safetensors"  # an image model, also in the SD VAE's own layout
-LOSS_CSV = "loss.csv"
 CHECKPOINT_VERSION = 1
 TRAINABLE = ("all", "temporal", "decoder")
 NAMED_CONFIGS = {"image": image_config, "v1.0.0": CausalVAEConfig, "v1.1.0": v1_1_0_config}
 
 
-# --- where the model comes from -------------------------------------------------------------------
+# --- options, declared once ----------------------------------------------------------------------
+#
+# Each option of `cvae train` is one dataclass field here (or in `trainset.SampleSpec`), whose
+# metadata holds its help text, its flag when that is not the field's name, its bounds, and whether
+# changing it between a run and its resumption makes it another run ("identity"). The command's
+# parameters, the options object and the run's identity are all derived from these fields.
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None, short: str | None = None,
+           min: float | None = None, identity: bool = False, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field that is also a `cvae train` option (see the comment above)."""
+    metadata = {"help": help, "flag": flag, "short": short, "min": min, "identity": identity}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One option: its field, its type (resolved), and the attribute path from the outer object."""
+
+    field: dataclasses.Field
+    type: Any
+    path: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def flag(self) -> str:
+        return self.field.metadata.get("flag") or "--" + self.name.replace("_", "-")
+
+
+def option_fields(cls) -> list[Declared]:
+    """Every option of a dataclass, in order, with nested option groups flattened."""
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            out += [dataclasses.replace(d, path=(f.name, *d.path)) for d in option_fields(f.metadata["group"])]
+        elif "help" in f.metadata:
+            out.append(Declared(f, hints[f.name], (f.name,)))
+    return out
+
+
+def from_flat(cls, values: dict[str, Any]):
+    """`cls` built from {field name: value} of its options, nested groups included (what the command
+    line gives); options left out keep their defaults."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            kwargs[f.name] = from_flat(f.metadata["group"], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
 
 @dataclass(frozen=True)
 class Start:
@@ -56,12 +111,15 @@ class Start:
     with `init` into layout `arch` with `norm`), or `config` (a named layout or a JSON file: fresh
     random weights)."""
 
-    weights: str | None = None
-    inflate: str | None = None
-    init: str = "tail"
-    arch: str = "v1.0.0"
-    norm: str = "frame"
-    config: str | None = None
+    weights: str | None = option(None, "Start from these weights (a cvae .safetensors, an Open-Sora-Plan "
+                                       "folder or hub id).", short="-w")
+    inflate: str | None = option(None, "Start from this SD image VAE (file or hub id), inflated with "
+                                       "--init/--arch/--norm as `cvae inflate` does.")
+    init: str = option("tail", "With --inflate: tail, center, average or random.")
+    arch: str = option("v1.0.0", "With --inflate: v1.0.0, v1.1.0, or a JSON layout file.")
+    norm: str = option("frame", "With --inflate: frame or clip.")
+    config: str | None = option(None, "Start from scratch: image (SD's all-2-D image VAE), v1.0.0, v1.1.0, or a "
+                                      "JSON file of config fields (\"base\": one of those names).")
 
     def __post_init__(self):
         given = [name for name in ("weights", "inflate", "config") if getattr(self, name)]
@@ -75,6 +133,14 @@ class Start:
         if self.inflate:
             return f"inflate {self.inflate} init {self.init} arch {self.arch} norm {self.norm}"
         return f"config {self.config}"
+
+    def warnings(self) -> list[str]:
+        """Settings that are ignored as given."""
+        if self.inflate:
+            return []
+        changed = [f"--{name} {getattr(self, name)}" for name in ("init", "arch", "norm")
+                   if getattr(self, name) != Start.__dataclass_fields__[name].default]
+        return [f"{', '.join(changed)} only appl{'ies' if len(changed) == 1 else 'y'} with --inflate: ignored"] if changed else []
 
     def build(self) -> CausalVAE:
         if self.weights:
@@ -113,56 +179,66 @@ def read_config(name_or_file: str) -> CausalVAEConfig:
         raise CvaeError(f"{path} is not a usable model config: {e}") from None
 
 
-# --- options ------------------------------------------------------------------------------------
+VIDEO_FRAMES = 17  # --frames for a video model when none is given
+
 
 @dataclass
 class TrainOptions:
-    """Everything a run needs besides its starting point. See `cvae train --help` for each field."""
+    """Everything a run needs besides its starting point."""
 
-    out: Path
-    data: list[str]
-    val: list[str] = field(default_factory=list)
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1e-4
-    warmup: int = 100
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    ema: float | None = None
-    seed: int = 0
-    frames: int = 17
-    size: int = 64
-    stride: int = 1
-    image_ratio: float = 0.0
-    photo_motion: float = 0.0
-    kl_weight: float = 1e-6
-    lpips: list[str] = field(default_factory=list)
-    perceptual_weight: float = 1.0
-    disc_start: int | None = None
-    disc_weight: float = 0.5
-    train: str = "all"
-    checkpointing: bool = False
-    save_every: int = 500
-    val_every: int = 500
-    log_every: int = 10
-    workers: int = 2
-    device: str = "auto"
+    out: Path = option(help="Run folder: checkpoint.pt, loss.csv, loss.png, samples-STEP.png, final.safetensors. "
+                            "Run the same command again to resume.")
+    data: list[str] = option(help="Training media: folders, globs, files, or manifests (.txt/.csv/.jsonl as for "
+                                  "`encode --manifest`). Repeatable.")
+    val: list[str] = option(help="Held-out media scored every --val-every steps (one centre-cropped sample per "
+                                 "file). Repeatable.", factory=list)
+    steps: int = option(1000, "Optimiser steps in all (may grow when resuming).", min=1)
+    batch_size: int = option(8, "Samples per step, per process.", short="-b", min=1, identity=True)
+    lr: float = option(1e-4, "Peak learning rate (AdamW; linear warm-up, cosine to lr/10).", identity=True)
+    warmup: int = option(100, "Warm-up steps.", min=0, identity=True)
+    weight_decay: float = option(0.01, "AdamW weight decay.", min=0, identity=True)
+    clip_grad: float = option(1.0, "Clip the gradient norm at this (0: off).", min=0, identity=True)
+    ema: float | None = option(None, "Keep an EMA of the weights with this decay (e.g. 0.999); validation and "
+                                     "final.safetensors use it.", identity=True)
+    seed: int = option(0, "Seed of every random draw: data, crops, noise.", identity=True)
+    sample: trainset.SampleSpec = field(default_factory=trainset.SampleSpec,
+                                        metadata={"group": trainset.SampleSpec})
+    kl_weight: float = option(1e-6, "KL weight (Open-Sora-Plan's scale).", identity=True)
+    lpips: list[str] = option(help="LPIPS weights, local files: lpips' vgg.pth and torchvision's VGG16 weights. "
+                                   "Off without.", factory=list)
+    perceptual_weight: float = option(1.0, "Weight of the LPIPS term.", identity=True)
+    disc_start: int | None = option(None, "Add a 3-D patch discriminator (hinge loss, adaptive weight) from this "
+                                          "step on.", identity=True)
+    disc_weight: float = option(0.5, "Scale of the adaptive GAN weight.", identity=True)
+    train: str = option("all", "Which weights learn: all, temporal (layers that span frames) or decoder.",
+                        identity=True)
+    checkpointing: bool = option(False, "Recompute block activations in the backward pass: less memory, about "
+                                        "1/3 more compute.")
+    save_every: int = option(500, "Checkpoint every N steps.", min=1)
+    val_every: int = option(500, "Validate every N steps.", min=1)
+    log_every: int = option(10, "A loss.csv row every N steps.", min=1)
+    workers: int = option(2, "Data-loading processes.", min=0)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (under torchrun: the rank's GPU).")
 
-    # Changing these between a run and its resumption would make it another run.
-    IDENTITY = ("batch_size", "lr", "warmup", "weight_decay", "clip_grad", "ema", "seed", "frames", "size", "stride",
-                "image_ratio", "photo_motion", "kl_weight", "perceptual_weight", "disc_start", "disc_weight", "train")
+    def resolved(self, config: CausalVAEConfig) -> "TrainOptions":
+        """These options with what is left to the model decided: --frames is 1 for an image model."""
+        if self.sample.frames is not None:
+            return self
+        frames = 1 if config.is_image_model else VIDEO_FRAMES
+        return dataclasses.replace(self, sample=dataclasses.replace(self.sample, frames=frames))
 
     def check(self, config: CausalVAEConfig) -> None:
         """Refuse what cannot work, before any work (frames that do not fit the model, bad ranges)."""
         ft, fs = config.time_compression, config.space_compression
-        if self.frames < 1 or (self.frames - 1) % ft:
-            raise CvaeError(f"--frames {self.frames}: this model needs 1 + {ft}k frames (1, {1 + ft}, {1 + 2 * ft}, ...)")
-        if self.size < fs or self.size % fs:
-            raise CvaeError(f"--size {self.size}: must be a multiple of {fs}")
+        frames, size = self.sample.frames, self.sample.size
+        if frames < 1 or (frames - 1) % ft:
+            raise CvaeError(f"--frames {frames}: this model needs 1 + {ft}k frames (1, {1 + ft}, {1 + 2 * ft}, ...)")
+        if size < fs or size % fs:
+            raise CvaeError(f"--size {size}: must be a multiple of {fs}")
         for name, value, ok in (("--steps", self.steps, self.steps >= 1), ("--batch-size", self.batch_size, self.batch_size >= 1),
-                                ("--lr", self.lr, self.lr > 0), ("--stride", self.stride, self.stride >= 1),
-                                ("--image-ratio", self.image_ratio, 0 <= self.image_ratio <= 1),
-                                ("--photo-motion", self.photo_motion, 0 <= self.photo_motion <= 1),
+                                ("--lr", self.lr, self.lr > 0), ("--stride", self.sample.stride, self.sample.stride >= 1),
+                                ("--image-ratio", self.sample.image_ratio, 0 <= self.sample.image_ratio <= 1),
+                                ("--photo-motion", self.sample.photo_motion, 0 <= self.sample.photo_motion <= 1),
                                 ("--ema", self.ema, self.ema is None or 0 < self.ema < 1),
                                 ("--save-every", self.save_every, self.save_every >= 1),
                                 ("--val-every", self.val_every, self.val_every >= 1),
@@ -172,10 +248,52 @@ class TrainOptions:
         if self.train not in TRAINABLE:
             raise CvaeError(f"--train {self.train}: use one of {', '.join(TRAINABLE)}")
 
+    def warnings(self, config: CausalVAEConfig) -> list[str]:
+        """Settings that run but cannot do what they are meant to (ignored, or self-defeating)."""
+        s, out = self.sample, []
+        changed = {d.name for d in option_fields(TrainOptions) if _get(self, d.path) != _default(d.field)}
+        if self.warmup >= self.steps:
+            out.append(f"--warmup {self.warmup} is not shorter than --steps {self.steps}: the learning rate never "
+                       f"reaches --lr {self.lr:g} (lower --warmup)")
+        if self.ema is not None and 1 / (1 - self.ema) > self.steps / 2:
+            out.append(f"--ema {self.ema:g} averages over about {1 / (1 - self.ema):.0f} steps, against --steps "
+                       f"{self.steps}: the final weights stay close to the start (lower the decay)")
+        if config.is_image_model and s.frames > 1:
+            out.append(f"an image model codes every frame alone: --frames {s.frames} makes each step {s.frames}x "
+                       "the work and teaches it nothing across time (use --frames 1)")
+        if s.frames == 1:
+            ignored = [f"--{n.replace('_', '-')} {getattr(s, n):g}" for n in ("image_ratio", "photo_motion", "stride")
+                       if n in changed]
+            if ignored:
+                out.append(f"{', '.join(ignored)} only appl{'ies' if len(ignored) == 1 else 'y'} to clips, and --frames 1 "
+                           "trains on single images: ignored")
+        elif s.image_ratio == 1 and s.photo_motion:
+            out.append("--photo-motion only applies to clips, and --image-ratio 1 trains on single images: ignored")
+        if self.disc_start is not None and self.disc_start >= self.steps:
+            out.append(f"--disc-start {self.disc_start} is not before --steps {self.steps}: the discriminator never runs")
+        if self.disc_start is None and "disc_weight" in changed:
+            out.append("--disc-weight only applies with --disc-start: ignored")
+        if not self.lpips and "perceptual_weight" in changed:
+            out.append("--perceptual-weight only applies with --lpips: ignored")
+        if not self.val and "val_every" in changed:
+            out.append("--val-every only applies with --val: ignored")
+        return out
+
     def identity(self, start: Start, data_digest: str, world: int) -> dict[str, Any]:
-        ident = {k: getattr(self, k) for k in self.IDENTITY}
+        """What a checkpoint must agree on to be resumed by these options."""
+        ident = {d.name: _get(self, d.path) for d in option_fields(TrainOptions) if d.field.metadata.get("identity")}
         ident.update(start=start.describe(), data=data_digest, world=world, lpips=sorted(map(str, self.lpips)))
         return ident
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _get(obj, path: tuple[str, ...]):
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
 
 
 def learning_rate(step: int, opts: TrainOptions) -> float:
@@ -277,14 +395,6 @@ def _cell(v) -> str:
     return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError as e:
-        raise CvaeError(f"cannot read {path}: {e.strerror or e}") from None
-
-
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] pixels (C, T, H, W) -> uint8 frames (T, C, H, W), rounded as a written video is."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).transpose(0, 1)
@@ -309,10 +419,12 @@ def write_samples(path: Path, pairs: list[tuple[torch.Tensor, torch.Tensor]]) ->
 
 @dataclass
 class Report:
-    """How a run talks: `note` for lines, `row` after each logged row, `advance` after each step."""
+    """How a run talks: `note` for lines, `begin` (first step, total) just before the first step,
+    `row` after each logged row, `advance` (step, total) after each step."""
 
     note: Callable[[str], None] = lambda message: None
     row: Callable[[dict[str, Any]], None] = lambda row: None
+    begin: Callable[[int, int], None] = lambda step, total: None
     advance: Callable[[int, int], None] = lambda step, total: None
 
 
@@ -333,7 +445,7 @@ class Trainer:
         self._check_out()
         ckpt_path = self.out / CHECKPOINT
         self.checkpoint = self._read_checkpoint(ckpt_path) if ckpt_path.exists() else None
-        self.data = trainset.survey(opts.data, opts.size)
+        self.data = trainset.survey(opts.data, opts.sample.size)
         if not self.data.sources:
             raise CvaeError(f"no usable data in --data {' '.join(map(str, opts.data))}"
                             + (f" ({len(self.data.skipped)} files skipped: {self.data.skipped[0][1]})"
@@ -349,17 +461,19 @@ class Trainer:
         else:
             torch.manual_seed(opts.seed)  # fresh weights (a config, inflated temporal layers) follow the seed
             self.vae = self.start.build()
+        self.opts = opts = opts.resolved(self.vae.config)
         opts.check(self.vae.config)
         self.identity = opts.identity(self.start, self.data.digest(), self.dist.world)
         if self.checkpoint is not None:
             self._check_resumable()
-        self.val = (trainset.validation_set(trainset.survey(opts.val, opts.size), opts.frames, opts.size,
+        for warning in self.start.warnings() + opts.warnings(self.vae.config):
+            self.report.note(f"warning: {warning}")
+        spec = opts.sample
+        self.val = (trainset.validation_set(trainset.survey(opts.val, spec.size), spec.frames, spec.size,
                                             self.vae.config.time_compression) if opts.val else [])
         if opts.val and not self.val:
             raise CvaeError(f"no usable validation data in --val {' '.join(map(str, opts.val))}")
-        self.dataset = trainset.TrainingClips(
-            self.data, trainset.SampleSpec(opts.frames, opts.size, opts.stride, opts.image_ratio, opts.photo_motion),
-            opts.seed, opts.batch_size * self.dist.world)
+        self.dataset = trainset.TrainingClips(self.data, spec, opts.seed, opts.batch_size * self.dist.world)
         self.lpips = losses.LPIPS.from_files(opts.lpips) if opts.lpips else None
 
     def _check_out(self) -> None:
@@ -426,11 +540,33 @@ class Trainer:
                 d_opt.load_state_dict(self.checkpoint["disc_optimizer"])
             sums = dict(self.checkpoint["sums"])
         log = LossLog(self.out / LOSS_CSV, step) if self.rank0 else None
+        spec = opts.sample
+        what = (f"batches of {opts.batch_size * dist.world} "
+                + ("images" if spec.frames == 1 else f"{spec.frames}-frame clips") + f" at {spec.size}x{spec.size}")
+        if step:
+            self.report.note(f"resuming from step {step} of {opts.steps} ({self.out / CHECKPOINT}): {what}")
+        else:
+            self.report.note(f"training {opts.steps} step{'' if opts.steps == 1 else 's'} on {device}: {what}")
         self.checkpoint = None  # free its tensors
         batches = trainset.loader(self.dataset, step, opts.steps, opts.batch_size, dist.rank, dist.world, opts.workers)
+        self.report.begin(step, opts.steps)
         row_start, unreadable = time.perf_counter(), set()
         global_batch = opts.batch_size * dist.world
+        begun = saved = step
+
+        def stop_if_asked() -> None:
+            """Ctrl-C, SIGTERM: stop between steps, with the step the run is on saved."""
+            stop = interrupt.pending()
+            if stop is None:
+                return
+            if step != saved:
+                self._save_checkpoint(step, vae, optimizer, ema, disc, d_opt, sums)
+            outcome = (f"stopped at step {step}, saved in {self.out / CHECKPOINT}: run the same command again to resume"
+                       if step != begun else f"stopped at step {step}, before training on: nothing new to save")
+            raise interrupt.Interrupted(stop.reason, stop.status, outcome=outcome)
+
         for x, failures in batches:
+            stop_if_asked()  # asked while the batch loaded: not one step more
             for path, reason in failures:
                 if path not in unreadable:
                     unreadable.add(path)
@@ -462,12 +598,10 @@ class Trainer:
                     log.write(row)
                     self.report.row(row)
                 sums, row_start = {}, time.perf_counter()
-            if step % opts.save_every == 0 or step == opts.steps or interrupt.pending() is not None:
+            if step % opts.save_every == 0 or step == opts.steps:
                 self._save_checkpoint(step, vae, optimizer, ema, disc, d_opt, sums)
-            if interrupt.pending() is not None:  # Ctrl-C, SIGTERM: stopped at a saved step
-                self.report.note(f"stopped at step {step}, saved in {self.out / CHECKPOINT}: "
-                                 "run the same command again to resume")
-                interrupt.check()
+                saved = step
+            stop_if_asked()
         if self.rank0:
             return self._finish(ema or vae, step)
         return self.out / FINAL
@@ -564,8 +698,6 @@ class Trainer:
 
     def _plot(self) -> None:
         try:
-            from .plot import plot_runs
-
             plot_runs([self.out], self.out / "loss.png")
         except CvaeError:
             pass  # matplotlib missing: said once at the start
@@ -593,6 +725,8 @@ def train(opts: TrainOptions, start: Start, dist=None, report: Report | None = N
         with trainer.dist.session(trainer.dist.device(opts.device)):
             return trainer.run()
     except RuntimeError as e:
-        if "out of memory" in str(e).lower():
+        from .budget import is_out_of_memory
+
+        if is_out_of_memory(e):
             raise CvaeError("out of memory: try --checkpointing, a smaller --size or --batch-size") from None
         raise

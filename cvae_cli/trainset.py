@@ -15,7 +15,7 @@ import hashlib
 import math
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -120,24 +120,22 @@ def survey(entries: Sequence[str | os.PathLike], min_side: int) -> Survey:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """How samples are drawn.
+    """How samples are drawn. Each field's metadata is its `cvae train` option (see `train.option`):
+    the help text, and whether changing it makes another run."""
 
-    frames: clip length (1 + 4k); steps whose batch is images use 1.
-    size: side of the square crop, in pixels, after a random rescale: the source is scaled so its
-      short side is log-uniform between `size` and its own short side (never upscaled), so crops
-      range from whole-picture views to full-resolution detail.
-    stride: take every `stride`-th frame of a video clip.
-    image_ratio: share of steps whose batch is single images (joint image and video training).
-    photo_motion: share of clips that are synthetic camera paths (pan and zoom) over a still photo:
-      real pixels, made motion, for when real footage is scarce. Used for every clip if no video
-      is long enough.
-    """
-
-    frames: int = 17
-    size: int = 64
-    stride: int = 1
-    image_ratio: float = 0.0
-    photo_motion: float = 0.0
+    frames: int | None = field(default=None, metadata={
+        "help": "Frames per clip, 1 + 4k; 1 trains on single images. Default: 1 for an image model "
+                "(--config image), 17 otherwise.", "identity": True})
+    size: int = field(default=64, metadata={
+        "help": "Side of the square crop in pixels, after a random rescale: the source is scaled so its short "
+                "side is log-uniform between the crop and its own (never upscaled).", "identity": True})
+    stride: int = field(default=1, metadata={"help": "Take every N-th frame of a video.", "min": 1,
+                                             "identity": True})
+    image_ratio: float = field(default=0.0, metadata={
+        "help": "Share of steps trained on single images (joint image and video training).", "identity": True})
+    photo_motion: float = field(default=0.0, metadata={
+        "help": "Share of clips made as pans and zooms over photos (real pixels, made motion); every clip is "
+                "one when no video is long enough.", "identity": True})
 
     @property
     def span(self) -> int:
@@ -154,6 +152,8 @@ class TrainingClips(torch.utils.data.Dataset):
     failed on the way (a sample never fails: it draws another source, deterministically)."""
 
     def __init__(self, data: Survey, spec: SampleSpec, seed: int, global_batch: int):
+        if spec.frames is None:
+            raise ValueError("SampleSpec.frames is left to the model: resolve it before sampling")
         self.spec, self.seed, self.global_batch = spec, seed, global_batch
         self.images = data.sources  # any source gives a still: a photo, or one frame of a video
         self.clips = [s for s in data.videos if s.frames >= spec.span]

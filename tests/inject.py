@@ -9,6 +9,8 @@ Hooks (several may be given, separated by `,`):
                             stops it the way a slow read would be stopped.
   fail:RANK                 on rank RANK (the RANK environment variable), encoding raises
                             RuntimeError("injected failure") as a bug would.
+  oom:WIDTH                 every model step on frames WIDTH pixels wide or more raises the CPU
+                            allocator's own out-of-memory RuntimeError, at any cut.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvae_cli import interrupt, media, pipeline  # noqa: E402
+from cvae_cli import interrupt, media, pipeline, stream  # noqa: E402
 from cvae_cli.cli import app  # noqa: E402
 
 
@@ -47,10 +49,23 @@ def fail(rank: int) -> None:
         pipeline.encode_files = broken
 
 
+def oom(width: int) -> None:
+    real = stream.Tiler.run
+
+    def run(self, step, x, final):
+        if x.shape[-1] >= width and x.device.type != "meta":  # the model, not the budget's count
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                               f"{x.numel() * 4096} bytes. Error code 12 (Cannot allocate memory)")
+        return real(self, step, x, final)
+
+    stream.Tiler.run = run
+
+
 if __name__ == "__main__":
     split = sys.argv.index("--")
     for hook in ",".join(sys.argv[1:split]).split(","):
         name, *args = hook.split(":")
-        {"hang": lambda i, n, m: hang(int(i), int(n), m), "fail": lambda r: fail(int(r))}[name](*args)
+        {"hang": lambda i, n, m: hang(int(i), int(n), m), "fail": lambda r: fail(int(r)),
+         "oom": lambda w: oom(int(w))}[name](*args)
     sys.argv = ["cvae"] + sys.argv[split + 1:]
     app()

@@ -22,7 +22,7 @@ from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.metrics import psnr
 from cvae_cli.model import CausalVAE, image_config
-from cvae_cli.train import Start, TrainOptions, Trainer, read_config, read_rows, to_uint8, train
+from cvae_cli.train import Start, TrainOptions, Trainer, from_flat, read_config, read_rows, to_uint8, train
 from conftest import cvae_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def options(out: Path, data, **kw) -> TrainOptions:
     base = dict(out=out, data=[str(d) for d in data], steps=6, batch_size=2, frames=5, size=32, lr=2e-3, warmup=2,
                 save_every=2, log_every=1, val_every=3, workers=0)
     base.update(kw)
-    return TrainOptions(**base)
+    return from_flat(TrainOptions, base)
 
 
 def losses_of(run: Path) -> list[tuple]:
@@ -129,12 +129,28 @@ def test_a_stop_signal_saves_the_step_it_stops_on_and_the_run_resumes_from_there
     finally:
         interrupt.clear()
     assert stop.value.status == 143
-    assert any("stopped at step 3" in n and "run the same command again to resume" in n for n in notes)
+    assert stop.value.outcome == (f"stopped at step 3, saved in {tmp_path / 'cut' / 'checkpoint.pt'}: "
+                                  "run the same command again to resume")
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 3
     resumed = train(options(tmp_path / "cut", [CLIP, PHOTO], **kw), Start(config=str(tiny)))
     assert losses_of(tmp_path / "cut") == losses_of(tmp_path / "whole")
     a, b = load_file(whole), load_file(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_asked_before_a_step_runs_no_step(tmp_path, tiny):
+    """Ctrl-C while a batch loads (minutes, for large clips) stops before computing it."""
+    from cvae_cli import interrupt
+    from cvae_cli.train import Report
+
+    try:
+        with pytest.raises(interrupt.Interrupted) as stop:
+            train(options(tmp_path / "run", [PHOTO], frames=1, steps=4), Start(config=str(tiny)),
+                  report=Report(begin=lambda step, total: interrupt.request("interrupted (SIGINT)", 130)))
+    finally:
+        interrupt.clear()
+    assert stop.value.outcome == "stopped at step 0, before training on: nothing new to save"
+    assert read_rows(tmp_path / "run" / "loss.csv") == [] and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
@@ -159,7 +175,10 @@ def test_a_signal_to_the_whole_job_stops_it_at_a_step_with_data_workers_running(
     assert proc.returncode == 143, output
     assert "DataLoader" not in output and "Traceback" not in output
     step = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
-    assert step >= 2 and f"stopped at step {step}" in output
+    # one line, which says what was kept (it used to add "no partial output was kept" below it)
+    assert output.splitlines()[-1] == (f"error: interrupted (SIGTERM): stopped at step {step}, saved in "
+                                       f"{run / 'checkpoint.pt'}: run the same command again to resume"), output
+    assert "no partial output" not in output
 
 
 def test_resume_refuses_changed_settings(tmp_path, tiny):
@@ -369,3 +388,103 @@ def test_activation_checkpointing_computes_the_same_steps(tmp_path, tiny):
     assert losses_of(tmp_path / "plain") == losses_of(tmp_path / "ckpt")
     a, b = load_file(plain), load_file(saved)
     assert list(a) == list(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+# --- as a new user meets it ------------------------------------------------------------------------
+
+IMAGE = {"base": "image", "hidden_size": 32, "hidden_size_mult": [1, 1, 1, 1], "num_res_blocks": 1}
+
+
+def prepared(tmp_path, config: dict, **kw) -> tuple[Trainer, list[str]]:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    notes = []
+    from cvae_cli.train import Report
+    values = dict(out=tmp_path / "run", data=[str(CLIP), str(PHOTO)], size=32, steps=1000, workers=0)
+    trainer = Trainer(from_flat(TrainOptions, {**values, **kw}), Start(config=str(path)), report=Report(note=notes.append))
+    trainer.prepare()
+    return trainer, notes
+
+
+def test_an_image_model_trains_on_single_images_unless_told_otherwise_and_then_hears_why_not(tmp_path):
+    """`--config image` with the old default of 17 frames ran 17 images a sample through a model
+    that codes each alone: 2 minutes a step at 11.8 GB for what one frame teaches."""
+    trainer, notes = prepared(tmp_path, IMAGE)
+    assert trainer.opts.sample.frames == 1 and not [n for n in notes if n.startswith("warning")]
+    assert trainer.identity["frames"] == 1
+    trainer, notes = prepared(tmp_path, IMAGE, frames=17)
+    assert trainer.opts.sample.frames == 17
+    assert [n for n in notes if n.startswith("warning")] == [
+        "warning: an image model codes every frame alone: --frames 17 makes each step 17x the work and teaches it "
+        "nothing across time (use --frames 1)"]
+    trainer, _ = prepared(tmp_path, TINY)
+    assert trainer.opts.sample.frames == 17  # a video model keeps clips
+
+
+@pytest.mark.parametrize("kw, warning", [
+    (dict(steps=30, warmup=100), "--warmup 100 is not shorter than --steps 30: the learning rate never reaches "
+                                 "--lr 0.0001 (lower --warmup)"),
+    (dict(steps=30, warmup=5, ema=0.999), "--ema 0.999 averages over about 1000 steps, against --steps 30: the "
+                                          "final weights stay close to the start (lower the decay)"),
+    (dict(steps=30, warmup=5, disc_start=30), "--disc-start 30 is not before --steps 30: the discriminator never runs"),
+    (dict(frames=1, photo_motion=0.3, stride=2), "--photo-motion 0.3, --stride 2 only apply to clips, and --frames 1 "
+                                                 "trains on single images: ignored"),
+    (dict(disc_weight=1.0), "--disc-weight only applies with --disc-start: ignored"),
+    (dict(perceptual_weight=0.5), "--perceptual-weight only applies with --lpips: ignored"),
+])
+def test_settings_that_cannot_work_as_meant_are_warned(kw, warning):
+    from conftest import tiny_config
+
+    opts = from_flat(TrainOptions, {"out": Path("run"), "data": ["x"], **kw}).resolved(tiny_config())
+    assert opts.warnings(tiny_config()) == [warning]
+    assert from_flat(TrainOptions, {"out": Path("run"), "data": ["x"]}).resolved(tiny_config()).warnings(tiny_config()) == []
+    assert Start(config="x", init="center").warnings() == ["--init center only applies with --inflate: ignored"]
+
+
+def test_a_log_shows_progress_from_the_first_step_and_a_resume_says_where_it_starts(tmp_path, tiny):
+    """A redirected log used to show nothing until the first loss.csv row (20 minutes at 2 minutes a
+    step), and a terminal's time left stayed -:--:-- while steps were slower than its sampling."""
+    common = ["--config", tiny, "--data", PHOTO, "--frames", "1", "--size", "32", "--workers", "0", "--log-every", "10",
+              "--out", tmp_path / "run"]
+    r = cvae("train", *common, "--steps", "2", "--warmup", "100")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "warning: --warmup 100 is not shorter than --steps 2" in lines[0]
+    assert lines[1].startswith("training 2 steps on cpu: batches of 8 images at 32x32")
+    step1 = next(l for l in lines if l.startswith("step 1/2: "))
+    assert " a step, " in step1 and step1.endswith(" left") and "-:--:--" not in r.output
+    assert any(l.startswith("step 2/2: loss ") for l in lines)
+    r = cvae("train", *common, "--steps", "3", "--warmup", "100")
+    assert r.exit_code == 0, r.output
+    assert f"resuming from step 2 of 3 ({tmp_path / 'run' / 'checkpoint.pt'})" in r.output
+
+
+def test_train_options_are_declared_once_for_the_command_the_options_and_the_run_identity():
+    import typer.main
+
+    from cvae_cli.train import option_fields
+
+    command = typer.main.get_command(app).commands["train"]
+    flags = {p.opts[0]: p for p in command.params}
+    declared = option_fields(Start) + option_fields(TrainOptions)
+    assert set(flags) == {d.flag for d in declared} | {"--quiet"}
+    for d in declared:
+        assert flags[d.flag].help == d.field.metadata["help"]
+    assert flags["--batch-size"].secondary_opts == [] and "-b" in flags["--batch-size"].opts
+    # what a checkpoint must agree on: the same keys as before the options were declared once, so
+    # runs checkpointed then still resume
+    ident = from_flat(TrainOptions, {"out": Path("run"), "data": ["x"], "frames": 5}).identity(Start(config="x"), "d", 1)
+    assert set(ident) == {"batch_size", "lr", "warmup", "weight_decay", "clip_grad", "ema", "seed", "frames", "size",
+                          "stride", "image_ratio", "photo_motion", "kl_weight", "perceptual_weight", "disc_start",
+                          "disc_weight", "train", "start", "data", "world", "lpips"}
+    assert ident["frames"] == 5
+
+
+def test_plot_does_not_import_train():
+    """train writes loss.csv and draws it through plot; plot reading it through train was a cycle."""
+    import ast
+
+    tree = ast.parse((REPO / "cvae_cli" / "plot.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.split(".")[-1] == "train"}, imported

@@ -4,7 +4,7 @@
 commands on it when imported here.
 """
 # imported in the order `cvae --help` lists the commands
-from . import files, encode, decode, training  # noqa: F401,I001  (each registers its commands)
+from . import files, encode, decode, training, bench  # noqa: F401,I001  (each registers its commands)
 from .app import app
 
 __all__ = ["app"]

@@ -53,7 +53,7 @@ class CvaeGroup(TyperGroup):
             out.error(str(e))
             raise typer.Exit(1) from None
         except interrupt.Interrupted as e:
-            out.error(f"{e.reason}: no partial output was kept")
+            out.error(f"{e.reason}: {e.outcome}")
             raise typer.Exit(e.status) from None
         except KeyboardInterrupt:
             out.error("interrupted: no partial output was kept")
@@ -61,7 +61,10 @@ class CvaeGroup(TyperGroup):
         except Exception as e:  # a bug or an environment failure: still one line, unless debugging
             if os.environ.get("CVAE_DEBUG") or type(e).__module__.split(".")[0] in ("click", "typer"):
                 raise  # usage errors and exits: Typer prints those itself
-            hint = " (try --chunk 4, or for a photo --tile 512)" if "out of memory" in str(e).lower() else ""
+            from ..budget import is_out_of_memory
+
+            hint = " (out of memory: try a smaller --tile or --chunk, a smaller --memory-budget, or another " \
+                   "device)" if is_out_of_memory(e) else ""
             out.error(f"{describe(e)}{hint} [set CVAE_DEBUG=1 for the traceback]")
             raise typer.Exit(2) from None
 

@@ -11,10 +11,10 @@ from rich.markup import escape
 from ..errors import CvaeError
 from ..outputs import check_suffix, expand, name_outputs
 from .app import command
-from .jobs import load_engine, one_by_one, report, triage
+from .jobs import load_engine, one_by_one, report, show_cuts, triage
 from .options import (AllowPartial, Chunk, Compile, Crf, Cut, Device, DryRun, Dtype, Fast, Fps, Frames, Inputs,
-                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, check_crf,
-                      check_placement, selection)
+                      MaxSide, MemoryBudget, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights,
+                      check_crf, check_placement, selection)
 from .output import Output
 
 
@@ -34,6 +34,7 @@ def decode(
     mode: Mode = "auto",
     chunk: Chunk = "auto",
     tile: Tile = "auto",
+    memory_budget: MemoryBudget = "auto",
     norm: Norm = None,
     fast: Fast = False,
     compile: Compile = False,
@@ -63,7 +64,7 @@ def decode(
     from ..pipeline import check_output_kind, decode_file
 
     out = Output(quiet)
-    cut = Cut.parse(mode, chunk, tile)
+    cut = Cut.parse(mode, chunk, tile, memory_budget)
     check_crf(crf, output)
     check_placement(device, dtype, out)
     paths = expand(inputs)
@@ -84,13 +85,19 @@ def decode(
                         unreadable=unreadable)  # a file given as input is never written over, readable or not
     todo = triage(out, jobs, overwrite, dry_run, failed=unreadable)
     if dry_run:
+        if todo.pending:
+            engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, direction="decode")
+            todo.failed += show_cuts(out, engine, todo.pending, lambda src: (latents[src].meta.width, latents[src].meta.height,
+                                                              latents[src].meta.fps is None,
+                                                              latents[src].meta.padded_frames))
         raise typer.Exit(1 if todo.failed else 0)
     outcomes: Iterable = ()
     if todo.pending:
-        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
-        outcomes = one_by_one(out, todo.pending, "decoding", latents.__getitem__, lambda latent: latent.meta.frames,
-                              lambda latent, dst, advance: decode_file(engine.model, latent, dst, engine.options,
-                                                                       crf=crf, force=force, progress=advance))
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, direction="decode")
+        outcomes = one_by_one(out, engine, todo.pending, "decoding", latents.__getitem__,
+                              lambda latent: latent.meta.frames,
+                              lambda latent, dst, options, advance: decode_file(engine.model, latent, dst, options,
+                                                                                crf=crf, force=force, progress=advance))
     report(out, len(paths), todo, outcomes)
 
 
@@ -105,6 +112,7 @@ def reconstruct(
     mode: Mode = "auto",
     chunk: Chunk = "auto",
     tile: Tile = "auto",
+    memory_budget: MemoryBudget = "auto",
     norm: Norm = None,
     fast: Fast = False,
     compile: Compile = False,
@@ -141,7 +149,7 @@ def reconstruct(
 
     out = Output(quiet)
     select = selection(frames, fps, size, max_side, allow_partial)
-    cut = Cut.parse(mode, chunk, tile)
+    cut = Cut.parse(mode, chunk, tile, memory_budget)
     check_crf(crf, output)
     check_placement(device, dtype, out)
     paths = expand(inputs)
@@ -153,6 +161,9 @@ def reconstruct(
                         lambda src: src.stem + ".recon" + (".png" if media.is_image(src) else ".mp4"))
     todo = triage(out, jobs, overwrite, dry_run)
     if dry_run:
+        if todo.pending:
+            engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, direction="reconstruct")
+            todo.failed += show_cuts(out, engine, todo.pending, lambda src: select.model_shape(media.probe(src)))
         raise typer.Exit(1 if todo.failed else 0)
     scores = {}
 
@@ -166,11 +177,11 @@ def reconstruct(
 
     outcomes: Iterable = ()
     if todo.pending:
-        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
-        outcomes = one_by_one(out, todo.pending, "reconstructing", media.open_media,
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, direction="reconstruct")
+        outcomes = one_by_one(out, engine, todo.pending, "reconstructing", media.open_media,
                               lambda source: select.expected_frames(source.info),
-                              lambda source, dst, advance: reconstruct_file(
-                                  engine.model, source, dst, engine.options, select, crf=crf,
+                              lambda source, dst, options, advance: reconstruct_file(
+                                  engine.model, source, dst, options, select, crf=crf,
                                   side_by_side=side_by_side, metrics=not no_metrics, progress=advance))
     try:
         report(out, len(paths), todo, outcomes, on_result=keep_score)

@@ -10,10 +10,10 @@ from rich.markup import escape
 from ..errors import CvaeError
 from ..outputs import check_suffix, expand, name_outputs
 from .app import command
-from .jobs import load_engine, report, triage
+from .jobs import load_engine, report, show_cuts, triage
 from .options import (AllowPartial, BatchSize, Chunk, Compile, Cut, Device, DryRun, Dtype, Fast, Fps, Frames,
-                      MaxSide, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights, check_placement,
-                      selection)
+                      MaxSide, MemoryBudget, Mode, Norm, OutDir, OutFile, Overwrite, Quiet, Size, Tile, Weights,
+                      check_placement, selection)
 from .output import Output
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ def encode(
     mode: Mode = "auto",
     chunk: Chunk = "auto",
     tile: Tile = "auto",
+    memory_budget: MemoryBudget = "auto",
     norm: Norm = None,
     fast: Fast = False,
     compile: Compile = False,
@@ -89,7 +90,7 @@ def encode(
     """
     out = Output(quiet)
     select = selection(frames, fps, size, max_side, allow_partial)
-    cut = Cut.parse(mode, chunk, tile)
+    cut = Cut.parse(mode, chunk, tile, memory_budget)
     check_placement(device, dtype, out)
     seed_or_none = seed if sample else None
     layout = dataset_layout(manifest, output, shards, shard_size, clip_frames, clip_stride, buckets, size, max_side)
@@ -105,15 +106,20 @@ def encode(
     jobs = name_outputs(expand(inputs), output, out_dir, lambda src: src.stem + ".safetensors")
     todo = triage(out, jobs, overwrite, dry_run)
     if dry_run:
+        if todo.pending:
+            from .. import media
+
+            engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, direction="encode")
+            todo.failed += show_cuts(out, engine, todo.pending, lambda src: select.model_shape(media.probe(src)))
         raise typer.Exit(1 if todo.failed else 0)
     outcomes: Iterable = ()
     if todo.pending:
         from ..pipeline import encode_many
 
-        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut)
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, direction="encode")
         outcomes = encode_many(engine.model, [(src, dst, select) for src, dst in todo.pending], engine.options,
                                batch_size=batch_size, seed=seed_or_none, save_logvar=save_logvar,
-                               progress=lambda name, total: out.progress(f"encoding {name}", total))
+                               progress=lambda name, total: out.progress(f"encoding {name}", total), note=out.warn)
     report(out, len(jobs), todo, outcomes)
 
 
@@ -157,7 +163,7 @@ def encode_manifest(out: Output, manifest: Path, out_dir: Path, dry_run: bool, s
                     typer.echo(line)
         raise typer.Exit(1 if plan.missing() else 0)  # as a plain --dry-run: a missing input fails
     with dist.session(dist.device(device)):
-        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, dist.local_rank)
+        engine = load_engine(out, weights, device, dtype, norm, fast, compile, cut, dist.local_rank, "encode")
         # one process: a bar (or a line every few seconds) per clip, and the per-clip lines; under
         # torchrun the per-clip lines only, prefixed with the rank, each written whole so that
         # processes never interleave mid-line

@@ -15,8 +15,8 @@ from .options import Cut
 from .output import Output, count
 
 if TYPE_CHECKING:
+    from ..budget import Policy
     from ..model import CausalVAE
-    from ..stream import StreamOptions
 
 
 def load_weights(weights: str | None, device, dtype, norm: str | None, fast: bool = False, compile: bool = False,
@@ -33,33 +33,31 @@ def load_weights(weights: str | None, device, dtype, norm: str | None, fast: boo
         weights = str(path)
     model = load_model(weights, norm=norm, device=device, dtype=dtype)
     if fast or compile:
-        from ..accel import Acceleration, prepare
+        from ..accel import speed_up
 
-        # channels-last is left out: on an H200 it made encode and decode slower (benchmarks/README.md)
-        prepare(model, Acceleration(fused_norm=fast, compile=compile,
-                                    cudnn_benchmark=fast and str(device).startswith("cuda")))
+        speed_up(model, fast=fast, compile=compile)
     return model
 
 
 
 @dataclass
 class Engine:
-    """What encode, decode and reconstruct share: the loaded model and the cut asked for."""
+    """What encode, decode and reconstruct share: the loaded model and how each input is cut
+    (`options`, a `budget.Policy`: the cut asked for, or the largest that fits the memory budget)."""
 
     model: CausalVAE
     cut: Cut
+    options: Policy
 
-    def options(self, width: int, height: int, image: bool = False) -> StreamOptions:
-        from ..stream import choose_options
-
-        try:
-            return choose_options(self.model.config, width, height, self.cut.mode, self.cut.chunk, self.cut.tile, image)
-        except ValueError as e:
-            raise CvaeError(str(e)) from None
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
 
 
 def load_engine(out: Output, weights: str | None, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
-                cut: Cut, local_rank: int | None = None) -> Engine:
+                cut: Cut, local_rank: int | None = None, direction: str = "reconstruct") -> Engine:
+    """`direction` (encode, decode or reconstruct) says whose peak the budget must hold."""
+    from ..budget import Budget, Policy, default_budget
     from ..device import resolve
     from ..stream import exact_streaming
 
@@ -72,8 +70,29 @@ def load_engine(out: Output, weights: str | None, device: str, dtype: str, norm:
     if cut.mode == "stream" and not exact_streaming(model.config):
         out.warn("--mode stream only approximates this model (its norm or attention spans the whole clip); "
                  "--mode auto cuts it as Open-Sora-Plan does")
+    if cut.budget is not None:
+        budget = Budget(cut.budget, direction, dev.type == "cuda")
+    else:  # unknown (not Linux, not CUDA): no limit, the largest cut
+        budget = default_budget(dev, model, direction) or Budget(2**62, direction, dev.type == "cuda", "unknown")
+    policy = Policy(model.config, dt, model.levers, budget, cut.mode, cut.chunk, cut.tile, warn=out.warn)
     interrupt.check()  # loading takes a while: a Ctrl-C during it stops here
-    return Engine(model, cut)
+    return Engine(model, cut, policy)
+
+
+def show_cuts(out: Output, engine: Engine, pending: list[Job],
+              size: Callable[[Path], tuple[int, int, bool, int | None]]) -> list[Path]:
+    """--dry-run: the cut each input gets and its counted peak, or why it will not fit (those
+    inputs are returned)."""
+    failed = []
+    for src, _ in pending:
+        try:
+            width, height, image, frames = size(src)
+            choice = engine.options.choice(width, height, image, frames)
+            out.info(escape(f"{src}: {width}x{height}, {choice.describe()}"))
+        except CvaeError as e:
+            out.error(f"{src}: {e}")
+            failed.append(src)
+    return failed
 
 
 
@@ -146,11 +165,13 @@ def report(out: Output, inputs: int, jobs: Triage, outcomes: Iterable[tuple[int,
         raise typer.Exit(1)
 
 
-def one_by_one(out: Output, pending: list[Job], verb: str, open_input: Callable[[Path], ContextManager],
+def one_by_one(out: Output, engine: Engine, pending: list[Job], verb: str, open_input: Callable[[Path], ContextManager],
                total: Callable[[object], int | None],
-               run: Callable[[object, Path, Callable[[int], None]], object]) -> Iterator[tuple[int, object]]:
-    """(index, outcome) of each job, in order, its input opened once (`open_input`); a failure of
-    one input is its outcome (`pipeline.per_input`), any other failure ends the run."""
+               run: Callable[[object, Path, object, Callable[[int], None]], object]) -> Iterator[tuple[int, object]]:
+    """(index, outcome) of each job, in order, its input opened once (`open_input`) and run with the
+    engine's cut (`run(item, dst, options, advance)`), once more with a smaller cut if it runs out
+    of memory; a failure of one input is its outcome (`pipeline.per_input`), any other failure
+    ends the run."""
     from ..pipeline import attempt
 
     for k, (src, dst) in enumerate(pending):
@@ -161,5 +182,7 @@ def one_by_one(out: Output, pending: list[Job], verb: str, open_input: Callable[
             yield k, e
             continue
         with opened as item, out.progress(f"{verb} {src.name}", total(item)) as advance:
-            outcome = attempt(lambda: [run(item, dst, advance)], 1)[0]
+            tries = iter([item, src])  # a retry after running out of memory reads the input afresh
+            outcome = attempt(lambda options: [run(next(tries), dst, options, advance)], 1, engine.options, str(src),
+                              engine.device, out.warn)[0]
         yield k, outcome

@@ -30,8 +30,12 @@ Mode = Annotated[str, typer.Option("--mode", help="Time cutting: auto (stream a 
                                                   "Open-Sora-Plan's 65-frame windows), stream (cached chunks; only "
                                                   "approximate for clip-norm models), window, or whole (one piece).")]
 Chunk = Annotated[str, typer.Option("--chunk", help="Frames per chunk (multiple of 4), or auto by frame size.")]
-Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels. auto tiles "
-                                   "photos above 1080p by 512; a video that streams exactly keeps whole frames.")]
+Tile = Annotated[str, typer.Option("--tile", help="Spatial tiles: auto, off, or a tile side in pixels. auto: whole "
+                                   "frames when they fit --memory-budget, else the largest tiles that do.")]
+MemoryBudget = Annotated[str, typer.Option("--memory-budget", help="Memory the model may use, weights included "
+                                           "(e.g. 12GiB, 800MiB): auto --chunk and --tile take the largest cut whose "
+                                           "exact count fits. auto: the GPU's free memory, or the CPU's available "
+                                           "RAM, less 10%.")]
 Norm = Annotated[Optional[str], typer.Option("--norm", help="Override the model's GroupNorm: clip or frame.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Frames = Annotated[Optional[str], typer.Option("--frames", help="Frame range A:B (either side optional), counted "
@@ -60,15 +64,18 @@ class Cut:
     mode: str = "auto"
     chunk: int | None = None
     tile: int | str | None = "auto"
+    budget: int | None = None  # bytes; None: what the device has free (`budget.default_budget`)
 
     @classmethod
-    def parse(cls, mode: str, chunk: str, tile: str) -> Cut:
+    def parse(cls, mode: str, chunk: str, tile: str, memory_budget: str = "auto") -> Cut:
+        from ..budget import parse_size
         from ..stream import MODES, StreamOptions
 
         if mode not in ("auto", *MODES):
             raise CvaeError(f"--mode {mode}: use auto, {', '.join(MODES)}")
         cut = cls(mode, None if chunk == "auto" else _int(chunk, "--chunk"),
-                  tile if tile == "auto" else None if tile == "off" else _int(tile, "--tile"))
+                  tile if tile == "auto" else None if tile == "off" else _int(tile, "--tile"),
+                  None if memory_budget == "auto" else parse_size(memory_budget))
         try:  # refuse a bad --chunk or --tile now, not after loading the weights
             StreamOptions(chunk=cut.chunk or 16, tile=cut.tile if isinstance(cut.tile, int) else None)
         except ValueError as e:

@@ -1,6 +1,11 @@
 """`cvae train` and `cvae plot`."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import time
+import types
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -12,58 +17,37 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from ..errors import CvaeError
 from ..outputs import check_suffix
 from .app import command
-from .options import Device, Overwrite, Quiet
+from .options import Overwrite, Quiet
 from .output import Output
 
 
-@command
-def train(
-    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoint.pt, loss.csv, loss.png, samples-STEP.png, "
-                                                    "final.safetensors. Run the same command again to resume.")],
-    data: Annotated[List[str], typer.Option("--data", help="Training media: folders, globs, files, or manifests "
-                                                           "(.txt/.csv/.jsonl as for `encode --manifest`). Repeatable.")],
-    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Start from these weights (a cvae "
-                                                   ".safetensors, an Open-Sora-Plan folder or hub id).")] = None,
-    inflate: Annotated[Optional[str], typer.Option("--inflate", help="Start from this SD image VAE (file or hub id), "
-                                                   "inflated with --init/--arch/--norm as `cvae inflate` does.")] = None,
-    init: Annotated[str, typer.Option("--init", help="With --inflate: tail, center, average or random.")] = "tail",
-    arch: Annotated[str, typer.Option("--arch", help="With --inflate: v1.0.0, v1.1.0, or a JSON layout file.")] = "v1.0.0",
-    norm: Annotated[str, typer.Option("--norm", help="With --inflate: frame or clip.")] = "frame",
-    config: Annotated[Optional[str], typer.Option("--config", help="Start from scratch: image (SD's all-2-D image VAE), "
-                                                  "v1.0.0, v1.1.0, or a JSON file of config fields (\"base\": one of "
-                                                  "those names).")] = None,
-    val: Annotated[Optional[List[str]], typer.Option("--val", help="Held-out media scored every --val-every steps "
-                                                     "(one centre-cropped sample per file). Repeatable.")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps in all.")] = 1000,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per step, per process.")] = 8,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW; linear warm-up, cosine to lr/10).")] = 1e-4,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Warm-up steps.")] = 100,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every random draw: data, crops, noise.")] = 0,
-    frames: Annotated[int, typer.Option("--frames", help="Frames per clip, 1 + 4k (1: images only).")] = 17,
-    size: Annotated[int, typer.Option("--size", help="Crop side in pixels, after a random rescale.")] = 64,
-    stride: Annotated[int, typer.Option("--stride", min=1, help="Take every N-th frame of a video.")] = 1,
-    image_ratio: Annotated[float, typer.Option("--image-ratio", help="Share of steps trained on single images.")] = 0.0,
-    photo_motion: Annotated[float, typer.Option("--photo-motion", help="Share of clips made as pans and zooms over "
-                                                "photos (real pixels, made motion).")] = 0.0,
-    kl_weight: Annotated[float, typer.Option("--kl-weight", help="KL weight (Open-Sora-Plan's scale).")] = 1e-6,
-    lpips: Annotated[Optional[List[str]], typer.Option("--lpips", help="LPIPS weights, local files: lpips' vgg.pth "
-                                                       "and torchvision's VGG16 weights. Off without.")] = None,
-    disc_start: Annotated[Optional[int], typer.Option("--disc-start", help="Add a 3-D patch discriminator (hinge "
-                                                      "loss, adaptive weight) from this step on.")] = None,
-    disc_weight: Annotated[float, typer.Option("--disc-weight", help="Scale of the adaptive GAN weight.")] = 0.5,
-    ema: Annotated[Optional[float], typer.Option("--ema", help="Keep an EMA of the weights with this decay "
-                                                 "(e.g. 0.999); validation and final.safetensors use it.")] = None,
-    trainable: Annotated[str, typer.Option("--train", help="Which weights learn: all, temporal (layers that span "
-                                           "frames) or decoder.")] = "all",
-    checkpointing: Annotated[bool, typer.Option("--checkpointing", help="Recompute block activations in the "
-                                                "backward pass: less memory, about 1/3 more compute.")] = False,
-    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Checkpoint every N steps.")] = 500,
-    val_every: Annotated[int, typer.Option("--val-every", min=1, help="Validate every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option("--log-every", min=1, help="A loss.csv row every N steps.")] = 10,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes.")] = 2,
-    device: Device = "auto",
-    quiet: Quiet = False,
-):
+def declared_parameters(*groups) -> list[inspect.Parameter]:
+    """Typer parameters made from options declared as dataclass fields (`train.option`): their flag,
+    help, bounds, type and default come from the declaration, so each option is written once."""
+    from ..train import option_fields
+
+    params = []
+    for group in groups:
+        for d in option_fields(group):
+            md, f = d.field.metadata, d.field
+            kind, optional = d.type, False
+            if typing.get_origin(kind) in (typing.Union, types.UnionType):
+                (kind,), optional = [a for a in typing.get_args(kind) if a is not type(None)], True
+            if typing.get_origin(kind) is list:
+                kind, optional = List[typing.get_args(kind)[0]], True
+            info = typer.Option(d.flag, *([md["short"]] if md.get("short") else []), help=md["help"],
+                                min=md.get("min"), show_default=f.default not in (None, dataclasses.MISSING))
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = (inspect.Parameter.empty if required else
+                       None if f.default_factory is not dataclasses.MISSING else f.default)
+            params.append(inspect.Parameter(d.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=Annotated[Optional[kind] if optional else kind, info]))
+    names = [p.name for p in params]
+    assert len(set(names)) == len(names), "two declared options share a name"
+    return params
+
+
+def train(quiet: bool = False, **values) -> None:
     """Train a causal VAE: fine-tune released or inflated weights, or train from scratch.
 
     L1 + KL (+ LPIPS, + GAN) on random crops of videos, images and camera paths over photos; bf16
@@ -74,65 +58,108 @@ def train(
 
     ```
         cvae train --inflate sd-vae.safetensors --init tail --data clips/ --data photos/ --photo-motion 0.3 --out runs/tail
-        cvae train --config image --frames 1 --size 128 --data photos/ --val held-out/ --out runs/image-vae
+        cvae train --config image --size 128 --data photos/ --val held-out/ --out runs/image-vae
         cvae train --weights LanguageBind/Open-Sora-Plan-v1.1.0/vae --train temporal --data clips.csv --out runs/ft
         torchrun --nproc_per_node 8 -m cvae_cli train --weights w.safetensors --data clips/ --out runs/big -b 4
     ```
     """
     from ..distributed import Dist
-    from ..train import Report, Start, TrainOptions, train as run_training
+    from ..train import Report, Start, TrainOptions, from_flat, train as run_training
 
-    out_ = Output(quiet)
-    dist = Dist.from_env()
-    start = Start(weights=weights, inflate=inflate, init=init, arch=arch, norm=norm, config=config)
-    opts = TrainOptions(out=out, data=data, val=val or [], steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                        ema=ema, seed=seed, frames=frames, size=size, stride=stride, image_ratio=image_ratio,
-                        photo_motion=photo_motion, kl_weight=kl_weight, lpips=lpips or [], disc_start=disc_start,
-                        disc_weight=disc_weight, train=trainable, checkpointing=checkpointing,
-                        save_every=save_every, val_every=val_every, log_every=log_every, workers=workers,
-                        device=device)
+    values = {k: [] if v is None and k in ("val", "lpips") else v for k, v in values.items()}
+    start, opts = from_flat(Start, values), from_flat(TrainOptions, values)
+    out, dist = Output(quiet), Dist.from_env()
     speak = dist.rank == 0 and not quiet
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         if speak:
-            out_.info("[yellow]note[/] matplotlib is not installed: no loss.png (pip install 'cvae-cli[train]')")
-    with training_progress(out_, steps, enabled=speak) as report:
-        if dist.rank != 0:
-            report = Report()
+            out.info("[yellow]note[/] matplotlib is not installed: no loss.png (pip install 'cvae-cli[train]')")
+    with training_progress(out, enabled=speak) as report:
         final = run_training(opts, start, dist, report)
     if speak:
-        out_.info(f"[green]wrote[/] {escape(str(final))}")
+        out.info(f"[green]wrote[/] {escape(str(final))}")
+
+
+def _declare(fn):
+    from ..train import Start, TrainOptions
+
+    fn.__signature__ = inspect.Signature(declared_parameters(Start, TrainOptions) + [
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Quiet)])
+    return fn
+
+
+train = command(_declare(train))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Pace:
+    """Time a step takes and time left, from the steps this process has run (a resumed run's earlier
+    steps do not count): known from the first step on, however long a step is."""
+
+    def __init__(self):
+        self.t0, self.step0, self.step, self.total = time.monotonic(), 0, 0, 0
+
+    def begin(self, step: int, total: int) -> None:
+        self.t0, self.step0, self.step, self.total = time.monotonic(), step, step, total
+
+    def describe(self) -> str:
+        done = self.step - self.step0
+        if done <= 0:
+            return "first step"
+        per_step = (time.monotonic() - self.t0) / done
+        return f"{_clock(per_step)} a step, {_clock(per_step * (self.total - self.step))} left"
 
 
 @contextmanager
-def training_progress(out: Output, steps: int, enabled: bool):
-    """A live line (step/total, loss, samples/s, ETA) on a terminal; elsewhere a line per loss.csv row."""
-    from rich.progress import TimeRemainingColumn
-
+def training_progress(out: Output, enabled: bool):
+    """A live line (step/total, loss, samples/s, time a step, time left) on a terminal; elsewhere a
+    line after the first step, at each loss.csv row and at least every minute."""
     from ..train import Report
 
     if not enabled:
         yield Report()
         return
+    pace = Pace()
+
+    def loss_text(r):
+        extra = f", val PSNR {r['val_psnr']:.2f} dB" if r.get("val_psnr") is not None else ""
+        return f"loss {r.get('loss', float('nan')):.4f}, {r['samples_per_s']:.2f} samples/s{extra}"
+
     if not out.console.is_terminal:
-        def row(r):
-            extra = f", val PSNR {r['val_psnr']:.2f} dB" if r.get("val_psnr") is not None else ""
-            out.info(f"step {r['step']}/{steps}: loss {r.get('loss', float('nan')):.4f}, "
-                     f"{r['samples_per_s']:.1f} samples/s{extra}")
-        yield Report(note=lambda m: out.info(escape(m)), row=row)
+        last = [time.monotonic()]
+
+        def say(text):
+            out.info(escape(f"step {pace.step}/{pace.total}: {text}{', ' if text else ''}{pace.describe()}"))
+            last[0] = time.monotonic()
+
+        def advance(step, total):
+            first, pace.step = pace.step == pace.step0, step
+            if first or time.monotonic() - last[0] >= 60:
+                say("")
+
+        yield Report(note=lambda m: out.info(escape(m)), row=lambda r: say(loss_text(r)), begin=pace.begin,
+                     advance=advance)
         return
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-               TimeRemainingColumn())
+               TextColumn("{task.fields[pace]}"))
     with Progress(*columns, console=out.console, transient=False) as bar:
-        task = bar.add_task("train", total=steps, status="")
+        task = bar.add_task("train", total=None, status="", pace="")
 
-        def row(r):
-            extra = f" val {r['val_psnr']:.2f} dB" if r.get("val_psnr") is not None else ""
-            bar.update(task, status=f"loss {r.get('loss', float('nan')):.4f} {r['samples_per_s']:.1f} samples/s{extra}")
+        def begin(step, total):
+            pace.begin(step, total)
+            bar.update(task, total=total, completed=step, pace=pace.describe())
 
-        yield Report(note=lambda m: bar.console.print(escape(m)), row=row,
-                     advance=lambda step, total: bar.update(task, completed=step))
+        def advance(step, total):
+            pace.step = step
+            bar.update(task, completed=step, pace=pace.describe())
+
+        yield Report(note=lambda m: bar.console.print(escape(m)), begin=begin, advance=advance,
+                     row=lambda r: bar.update(task, status=loss_text(r)))
 
 
 @command

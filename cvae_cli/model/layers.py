@@ -3,9 +3,9 @@
 Every layer that looks at past frames takes an optional `StreamCache`. Without one it sees a whole
 clip, exactly as Open-Sora-Plan computes it. With one, it keeps what the next chunk needs (the last
 input frames, the phase of a stride, a frame held back for look-ahead), so a clip fed in chunks gives
-the whole-clip result wherever the model itself is causal (SPEC §4).
+the whole-clip result wherever the model itself is causal.
 
-Two exact shortcuts live here, each switched by a flag that `CausalVAE.use_levers` sets:
+Two exact shortcuts live here, each taken when the active levers say so (`levers.active()`):
 - `fold_start`: at a clip's start the causal padding repeats frame 0, so the taps that reach before
   the clip all see frame 0. Their kernels are summed instead of the frame being repeated: an image
   runs every 3-D conv as one 2-D conv (a third of the FLOPs), and no padded copy is made.
@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .levers import active
 
 
 class StreamCache:
@@ -103,10 +105,15 @@ def frames_back(y: torch.Tensor, b: int) -> torch.Tensor:
     return y.reshape(b, bt // b, c, h, w).transpose(1, 2)
 
 
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when nothing records the graph (x is then the caller's own, one tensor less)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                     per_frame: bool, silu: bool) -> torch.Tensor:
     """GroupNorm (clip or frame statistics), then SiLU if asked: the plain path, and the function that
-    `accel` compiles into one kernel (statistics pass + one fused normalize-and-activate pass)."""
+    the `fused_norm` lever compiles into one kernel (statistics + one normalize-and-activate pass)."""
     if x.ndim == 5 and per_frame:
         y = frames_back(F.group_norm(frames_first(x), groups, weight, bias, eps), x.shape[0])
     else:
@@ -115,20 +122,31 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
     return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
 
 
+_FUSED: list[Callable] = []
+
+
+def fused_group_norm_silu() -> Callable:
+    """`group_norm_silu` compiled once, dynamic in every size (one graph for all layers)."""
+    if not _FUSED:
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # one graph per (channels, norm kind, SiLU)
+            if hasattr(config, name):
+                setattr(config, name, max(64, getattr(config, name)))
+        _FUSED.append(torch.compile(group_norm_silu, dynamic=True))
+    return _FUSED[0]
+
+
 class GroupNorm(nn.GroupNorm):
     """32-group norm pooled over the whole clip ("clip", as trained) or per frame ("frame", as SD).
 
-    `forward(x, silu=True)` applies SiLU too; `fused` (set by `accel.prepare`) is a compiled
-    `group_norm_silu` that does both in one pass over memory."""
-
-    fused = None
+    `forward(x, silu=True)` applies SiLU too, in one pass over memory with the `fused_norm` lever."""
 
     def __init__(self, channels: int, per_frame: bool):
         super().__init__(32, channels, eps=1e-6, affine=True)
         self.per_frame = per_frame
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        fn = self.fused or group_norm_silu
+        fn = fused_group_norm_silu() if active().fused_norm else group_norm_silu
         return fn(x, self.weight, self.bias, self.num_groups, self.eps, self.per_frame, silu)
 
 
@@ -147,8 +165,6 @@ class StreamConv3d(nn.Conv3d):
 class CausalConv3d(nn.Module):
     """3-D convolution that sees only the present and past frames; the first frame pads time."""
 
-    fold_start = True
-
     def __init__(self, cin: int, cout: int, kernel_size, stride=1, padding=0):
         super().__init__()
         kernel_size = _triple(kernel_size)
@@ -158,7 +174,7 @@ class CausalConv3d(nn.Module):
         self.conv = StreamConv3d(cin, cout, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        if self.fold_start and self.time_kernel > 1 and self.time_stride == 1 and x.shape[2] and starts(self, cache):
+        if active().fold_start and self.time_kernel > 1 and self.time_stride == 1 and x.shape[2] and starts(self, cache):
             return self.start(x, cache)
         return self.conv(causal_window(self, x, self.time_kernel, self.time_stride, cache))
 
@@ -227,14 +243,12 @@ def upsample_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 class SpatialUpsample2x(nn.Module):
     """Nearest 2x per frame, then a (1, 3, 3) causal conv."""
 
-    phase_upsample = True
-
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv = CausalConv3d(cin, cout, (1, 3, 3), padding=1)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        if self.phase_upsample:
+        if active().phase_upsample:
             return upsample_by_phases(x, self.conv.conv.weight[:, :, 0], self.conv.conv.bias)
         if x.shape[2] == 0:  # interpolate refuses empty inputs
             return self.conv(x.new_empty(*x.shape[:3], 2 * x.shape[3], 2 * x.shape[4]))
@@ -244,14 +258,12 @@ class SpatialUpsample2x(nn.Module):
 class Upsample(nn.Module):
     """SD's 2-D upsampling per frame: nearest 2x, then a 3x3 conv."""
 
-    phase_upsample = True
-
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        if self.phase_upsample:
+        if active().phase_upsample:
             return upsample_by_phases(x, self.conv.weight, self.conv.bias)
         b, x = x.shape[0], frames_first(x)
         if x.shape[0] == 0:  # interpolate refuses empty inputs
@@ -271,13 +283,11 @@ def time_average(x: torch.Tensor) -> torch.Tensor:
 class TimeDownsample2x(nn.Module):
     """Average of 3 frames, stride 2, frame 0 repeated in front: T -> (T + 1) / 2. No weights."""
 
-    fold_start = True
-
     def __init__(self, cin: int = 0, cout: int = 0):
         super().__init__()
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        if self.fold_start and x.shape[2] and starts(self, cache):  # the first window is frame 0 three times
+        if active().fold_start and x.shape[2] and starts(self, cache):  # the first window is frame 0 three times
             keep_after_start(self, x, 3, 2, cache)
             return torch.cat([x[:, :, :1], time_average(x)], dim=2)
         return time_average(causal_window(self, x, 3, 2, cache))
@@ -286,8 +296,6 @@ class TimeDownsample2x(nn.Module):
 class TimeDownsampleRes2x(nn.Module):
     """v1.1.0's learned temporal downsampling: a mix of the 3-frame average and a stride-2 conv."""
 
-    fold_start = True
-
     def __init__(self, cin: int, cout: int, mix_factor: float = 2.0):
         super().__init__()
         self.conv = StreamConv3d(cin, cout, 3, stride=(2, 1, 1), padding=(0, 1, 1))
@@ -295,7 +303,7 @@ class TimeDownsampleRes2x(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         alpha = torch.sigmoid(self.mix_factor)
-        if self.fold_start and x.shape[2] and starts(self, cache):  # the first window is frame 0 three times
+        if active().fold_start and x.shape[2] and starts(self, cache):  # the first window is frame 0 three times
             keep_after_start(self, x, 3, 2, cache)
             first = F.conv3d(x[:, :, :1], fold_taps(self.conv.weight, 3), self.conv.bias, padding=(0, 1, 1))
             first = alpha * x[:, :, :1] + (1 - alpha) * first
@@ -308,7 +316,7 @@ def doubled_in_time(head: torch.Tensor, x: torch.Tensor, before: torch.Tensor, a
     """`head`, then x at twice the frame rate by linear interpolation, as trilinear `interpolate` by 2
     (align_corners=False) computes it: frame i gives 0.25 x[i-1] + 0.75 x[i], then 0.75 x[i] +
     0.25 x[i+1], with x[-1] = `before` and x[n] = `after`. Written into the output in place: no
-    window around x and no interpolated copy of it (at 720p, 1.3 GiB of a decode step's peak)."""
+    window around x and no interpolated copy of it."""
     b, c, n, h, w = x.shape
     k = head.shape[2]
     out = x.new_empty(b, c, k + 2 * n, h, w)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -11,6 +11,8 @@ from torch import nn
 from . import blocks, layers
 from .config import CausalVAEConfig
 from .layers import StreamCache
+from .levers import Levers, compile_blocks, running
+from .slices import in_slices
 
 BLOCKS = {
     "CausalConv3d": layers.CausalConv3d, "Conv2d": layers.FrameConv2d,
@@ -21,34 +23,6 @@ BLOCKS = {
     "TimeDownsample2x": layers.TimeDownsample2x, "TimeDownsampleRes2x": layers.TimeDownsampleRes2x,
     "TimeUpsample2x": layers.TimeUpsample2x, "TimeUpsampleRes2x": layers.TimeUpsampleRes2x,
 }
-
-
-@dataclass(frozen=True)
-class Levers:
-    """Exact shortcuts in how the model computes, all on by default: each gives the plain model's
-    function to float rounding (tests/test_levers.py); `Levers.off()` is the plain path.
-
-    fold_start: a causal conv's first frames see frame 0 through the taps that reach before the clip;
-      those taps' kernels are summed instead of frame 0 being repeated (`layers.CausalConv3d.start`):
-      an image costs a third of the 3-D conv FLOPs. Also the temporal downsamplers' first window.
-    phase_upsample: nearest 2x + 3x3 conv as one stride-2 transposed conv (`layers.phase_kernel`):
-      2.25x fewer multiply-adds in those convs, and no 4x upsampled tensor.
-    slice_elements: a step's frames go through the model a few at a time (down to one), so that at
-      each stage at most this many activation elements (channels x pixels x frames) come in at once;
-      the causal layers carry what the next slice needs. Only stages whose every norm and attention
-      is per frame (a clip norm pools over whatever it is given, so slicing would change it) and
-      never under autograd (a cache mutated inside `torch.utils.checkpoint` would be replayed
-      wrong, and slices save no memory when every activation is kept for backward). None: off.
-      Default: one 720p frame of the 128-channel level.
-    """
-
-    fold_start: bool = True
-    phase_upsample: bool = True
-    slice_elements: int | None = 128 * 1280 * 720
-
-    @classmethod
-    def off(cls) -> "Levers":
-        return cls(fold_start=False, phase_upsample=False, slice_elements=None)
 
 
 def _resnet(name: str, cin: int, cout: int, cfg: CausalVAEConfig) -> nn.Module:
@@ -67,13 +41,6 @@ def _resample(name: str, channels: int) -> nn.Module | None:
     return BLOCKS[name](channels, channels) if name else None
 
 
-def frame_local(module: nn.Module) -> bool:
-    """Whether each output frame depends on input frames only through causal, cached layers: every
-    norm per frame, no attention across time (the legacy AttnBlock3D mixes the whole chunk)."""
-    return all(m.per_frame for m in module.modules() if isinstance(m, layers.GroupNorm)) \
-        and not any(type(m) is blocks.AttnBlock3D for m in module.modules())
-
-
 class Level(nn.Module):
     """One resolution of the encoder or decoder: resnets, each followed by an attention where the
     level has them (`attn_resolutions`), then spatial and temporal resampling (either may be absent)."""
@@ -85,6 +52,9 @@ class Level(nn.Module):
 
     def resamplers(self) -> tuple[nn.Module | None, nn.Module | None]:
         raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        return [*self.block, *self.attn, *(r for r in self.resamplers() if r is not None)]
 
     def forward(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -127,54 +97,11 @@ class Mid(nn.Module):
         h = self.attn_1(h, cache)
         return self.block_2(h, cache)
 
-
-class Out(nn.Module):
-    """norm, SiLU, conv: the last stage of the encoder and of the decoder."""
-
-    def __init__(self, norm: nn.Module, conv: nn.Module):
-        super().__init__()
-        self.norm, self.conv = norm, conv
-
-    def forward(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        return self.conv(self.norm(h, silu=True), cache)
-
-
-def widest(*parts: nn.Module) -> int:
-    """Channels of the widest activation a stage makes, per pixel of its input (x4 where it upsamples)."""
-    modules = [m for part in parts for m in part.modules()]
-    width = max(max(m.in_channels, m.out_channels) for m in modules if isinstance(m, (nn.Conv2d, nn.Conv3d)))
-    return width * (4 if any(isinstance(m, (layers.SpatialUpsample2x, layers.Upsample)) for m in modules) else 1)
-
-
-Stage = tuple[Callable[[torch.Tensor, StreamCache | None], torch.Tensor], int]  # (run, widest(...))
-
-
-def run_in_slices(stages: Sequence[Stage], h: torch.Tensor, cache: StreamCache | None, elements: int,
-                  final: bool | None = None) -> torch.Tensor:
-    """`stages` one after the other, each fed a few frames at a time: as many as keep its widest
-    activation under `elements` (at least one). Depth first: a slice goes on through the next
-    stages before the next slice comes in, so only one slice's activations are alive at a time.
-    The causal layers pass what the next slice needs through `cache` (a fresh one for a whole
-    clip); only the last slice of a final step is final."""
-    if not stages:
-        return h
-    if final is None:
-        final, cache = (True, StreamCache()) if cache is None else (cache.final, cache)
-    (stage, width), rest = stages[0], stages[1:]
-    size = max(1, elements // (width * h.shape[0] * h.shape[-2] * h.shape[-1]))
-    starts = range(0, h.shape[2], size) if h.shape[2] else [0]
-    outs = []
-    for i, s in enumerate(starts):
-        last = final and i == len(starts) - 1
-        cache.final = last
-        outs.append(run_in_slices(rest, stage(h[:, :, s:s + size], cache), cache, elements, last))
-    cache.final = final
-    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    def blocks(self) -> list[nn.Module]:
+        return [self.block_1, self.attn_1, self.block_2]
 
 
 class Encoder(nn.Module):
-    slice_elements: int | None = Levers.slice_elements
-
     def __init__(self, cfg: CausalVAEConfig):
         super().__init__()
         mult = (1,) + tuple(cfg.hidden_size_mult)
@@ -194,27 +121,22 @@ class Encoder(nn.Module):
         self.mid = Mid(width, cfg, cfg.encoder_mid_resnet, cfg.encoder_attention)
         self.norm_out = layers.GroupNorm(width, per_frame=cfg.norm == "frame")
         self.conv_out = _conv(cfg.encoder_conv_out, width, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3)
-        parts = [(self.conv_in,), *((level,) for level in self.down), (self.mid,), (self.norm_out, self.conv_out)]
-        self.widths = [widest(*p) for p in parts]
-        self.local = next((i for i, p in enumerate(parts) if not all(map(frame_local, p))), len(parts))
-
-    def project_out(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        return self.conv_out(self.norm_out(h, silu=True), cache)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        """The leading stages that are frame-local run in slices (`Levers.slice_elements`), if they
-        reach past conv_in (slicing conv_in alone would gather its full-size output anyway)."""
-        stages = list(zip([self.conv_in, *self.down, self.mid, self.project_out], self.widths))
-        sliced = self.local if self.slice_elements and self.local > 1 and not torch.is_grad_enabled() else 0
-        h = run_in_slices(stages[:sliced], x, cache, self.slice_elements or 0)
-        for stage, _ in stages[sliced:]:
-            h = stage(h, cache)
-        return h
+        h = self.conv_in(x, cache)
+        for level in self.down:
+            h = level(h, cache)
+        h = self.mid(h, cache)
+        h = self.norm_out(h)
+        h = layers.silu(h)
+        return self.conv_out(h, cache)
+
+    def stages(self) -> list[nn.Module]:
+        """forward's steps in order (the norm with its SiLU), for `levers.in_slices`."""
+        return [self.conv_in, *self.down, self.mid, self.norm_out, self.conv_out]
 
 
 class Decoder(nn.Module):
-    slice_elements: int | None = Levers.slice_elements
-
     def __init__(self, cfg: CausalVAEConfig):
         super().__init__()
         levels = len(cfg.hidden_size_mult)
@@ -236,23 +158,21 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = layers.GroupNorm(width, per_frame=cfg.norm == "frame")
         self.conv_out = _conv(cfg.decoder_conv_out, width, cfg.out_channels, 3)
-        parts = [(self.conv_in,), (self.mid,), *((level,) for level in reversed(self.up)), (self.norm_out, self.conv_out)]
-        self.widths = [widest(*p) for p in parts]
-        self.local = next((i for i in reversed(range(len(parts))) if not all(map(frame_local, parts[i]))), -1) + 1
-
-    def project_out(self, h: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
-        return self.conv_out(self.norm_out(h, silu=True), cache)
 
     def forward(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         """Streaming, a step may hold every frame back for look-ahead (and return none), and the
-        last step may carry no latent at all (T = 0): it only releases what was held back.
-        The trailing stages that are frame-local run in slices (`Levers.slice_elements`)."""
-        stages = list(zip([self.conv_in, self.mid, *reversed(self.up), self.project_out], self.widths))
-        whole = self.local if self.slice_elements and not torch.is_grad_enabled() else len(stages)
-        h = z
-        for stage, _ in stages[:whole]:
-            h = stage(h, cache)
-        return run_in_slices(stages[whole:], h, cache, self.slice_elements or 0)
+        last step may carry no latent at all (T = 0): it only releases what was held back."""
+        h = self.conv_in(z, cache)
+        h = self.mid(h, cache)
+        for level in reversed(self.up):
+            h = level(h, cache)
+        h = self.norm_out(h)
+        h = layers.silu(h)
+        return self.conv_out(h, cache)
+
+    def stages(self) -> list[nn.Module]:
+        """forward's steps in order (the norm with its SiLU), for `levers.in_slices`."""
+        return [self.conv_in, self.mid, *reversed(self.up), self.norm_out, self.conv_out]
 
 
 @dataclass
@@ -313,16 +233,21 @@ class CausalVAE(nn.Module):
         self.levers = Levers()
 
     def use_levers(self, levers: Levers) -> "CausalVAE":
-        """Switch the exact shortcuts (`Levers`) on or off for every layer; returns the model."""
-        for m in self.modules():
-            if isinstance(m, (layers.CausalConv3d, layers.TimeDownsample2x, layers.TimeDownsampleRes2x)):
-                m.fold_start = levers.fold_start
-            elif isinstance(m, (layers.SpatialUpsample2x, layers.Upsample)):
-                m.phase_upsample = levers.phase_upsample
-            elif isinstance(m, (Encoder, Decoder)):
-                m.slice_elements = levers.slice_elements
+        """The speed-ups in force while this model encodes and decodes (`levers.Levers`); returns
+        the model. Turning `compile` on compiles its blocks in place: copy a model before, not after."""
+        if levers.compile != self.levers.compile:
+            compile_blocks(self, levers.compile)
         self.levers = levers
         return self
+
+    def blocks(self) -> Iterator[nn.Module]:
+        """The units that `Levers.compile` compiles one by one, in the order they run."""
+        for part in (self.encoder, self.decoder):
+            for stage in part.stages():
+                if isinstance(stage, (Level, Mid)):
+                    yield from stage.blocks()
+                elif not isinstance(stage, layers.GroupNorm):  # the output norm: fused or not, no block
+                    yield stage
 
     @classmethod
     def from_pretrained(cls, source: str, **kwargs) -> "CausalVAE":
@@ -333,12 +258,16 @@ class CausalVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, cache: StreamCache | None = None) -> DiagonalGaussian:
         self._check_pixels(x, first=cache is None or not cache.state)
-        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, cache), cache))
+        with running(self.levers, cache):
+            h = in_slices(self.encoder, x, cache, self.levers.slice_elements, leading=True)
+            return DiagonalGaussian.from_moments(self.quant_conv(h, cache))
 
     def decode(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         if z.ndim != 5 or z.shape[1] != self.config.embed_dim:
             raise ValueError(f"latents must be (B, {self.config.embed_dim}, T, H, W), got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(z, cache), cache)
+        with running(self.levers, cache):
+            h = self.post_quant_conv(z, cache)
+            return in_slices(self.decoder, h, cache, self.levers.slice_elements, leading=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x).mode())
