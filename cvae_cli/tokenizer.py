@@ -662,17 +662,21 @@ class Tokenizer:
              dtype: str | torch.dtype = "auto", norm: str | None = None, fast: bool = False, compile: bool = False,
              mode: str = "auto", chunk: int | None = None, tile: int | str | None = "auto",
              memory_budget: int | None = None, *, local_rank: int | None = None,
-             direction: str = "reconstruct") -> Tokenizer:
+             direction: str = "reconstruct", on_warning: Callable[[str], None] | None = None) -> Tokenizer:
         """Weights: a cvae .safetensors, an Open-Sora-Plan folder or hub id; None: the SD VAE
         `cvae inflate` made, else the built-in small model (said in `notes`). `device`/`dtype` auto:
         CUDA and bf16 when a GPU is visible, else the CPU in fp32. `norm` overrides the weights'
         GroupNorm (frame streams exactly); `fast` and `compile` are the speed levers proven equal to
-        the plain model. `mode`, `chunk`, `tile`, `memory_budget`: how inputs are cut (`Cut`)."""
+        the plain model. `mode`, `chunk`, `tile`, `memory_budget`: how inputs are cut (`Cut`);
+        `direction` (encode, decode or reconstruct): whose peak the budget holds. Warnings, now and
+        while inputs run (a cut asked for that does not fit), go to `on_warning`, else to `warnings`."""
         cut = Cut(mode, chunk, tile, memory_budget)
         place, precision = resolve(device, dtype, local_rank)
-        notes, warnings = [], []
+        notes: list[str] = []
+        warnings: list[str] = []
+        warn = on_warning or warnings.append
         if fast and not is_cuda(place):  # its levers are GPU ones: on a CPU the fused norm recompiles per shape
-            warnings.append("--fast does nothing on the CPU (fused GroupNorm+SiLU and cuDNN autotuning are GPU "
+            warn("--fast does nothing on the CPU (fused GroupNorm+SiLU and cuDNN autotuning are GPU "
                             "levers; on a CPU the fused norm is compiled anew for each shape and runs slower)")
             fast = False
         if weights is None:
@@ -682,14 +686,13 @@ class Tokenizer:
                              "`cvae inflate` makes the better Stable Diffusion one")
         model = load_model(weights, norm=norm, device=place, dtype=precision)
         if fast or compile:
-            from .accel import Acceleration, prepare
+            from .accel import speed_up
 
-            # channels-last is left out: slower on a GPU (benchmarks/README.md)
-            prepare(model, Acceleration(fused_norm=fast, compile=compile, cudnn_benchmark=fast and is_cuda(place)))
+            speed_up(model, fast=fast, compile=compile)
         if cut.mode == "stream" and not exact_streaming(model.config):
-            warnings.append("--mode stream only approximates this model (its norm or attention spans the whole "
+            warn("--mode stream only approximates this model (its norm or attention spans the whole "
                             "clip); --mode auto cuts it as Open-Sora-Plan does")
-        return cls(model, cut, notes, warnings, _policy(model, cut, direction, warnings.append))
+        return cls(model, cut, notes, warnings, _policy(model, cut, direction, warn))
 
     @property
     def device(self) -> torch.device:

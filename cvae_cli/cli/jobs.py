@@ -19,27 +19,6 @@ if TYPE_CHECKING:
     from ..model import CausalVAE
 
 
-def load_weights(weights: str | None, device, dtype, norm: str | None, fast: bool = False, compile: bool = False,
-                 out: Output | None = None) -> CausalVAE:
-    """The model, on its device in its dtype, with the speed levers asked for. No --weights: the SD
-    VAE `cvae inflate` made, else the built-in small model (said in one line)."""
-    from ..checkpoints import default_weights, load_model
-
-    if weights is None:
-        path, builtin = default_weights()
-        if builtin:
-            (out or Output()).info("note: using the built-in small model (cvae-small, trained on a CPU); "
-                                   "`cvae inflate` makes the better Stable Diffusion one")
-        weights = str(path)
-    model = load_model(weights, norm=norm, device=device, dtype=dtype)
-    if fast or compile:
-        from ..accel import speed_up
-
-        speed_up(model, fast=fast, compile=compile)
-    return model
-
-
-
 @dataclass
 class Engine:
     """What encode, decode and reconstruct share: the loaded model and how each input is cut
@@ -56,27 +35,17 @@ class Engine:
 
 def load_engine(out: Output, weights: str | None, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
                 cut: Cut, local_rank: int | None = None, direction: str = "reconstruct") -> Engine:
-    """`direction` (encode, decode or reconstruct) says whose peak the budget must hold."""
-    from ..budget import Budget, Policy, default_budget
-    from ..device import resolve
-    from ..stream import exact_streaming
+    """The model through `Tokenizer.load` (the one loading policy: default weights, device, dtype,
+    speed levers, the budget's cut), with what it chose or warns of said. `direction` (encode,
+    decode or reconstruct) says whose peak the budget must hold."""
+    from ..tokenizer import Tokenizer
 
-    dev, dt = resolve(device, dtype, local_rank)
-    if fast and dev.type == "cpu":  # its levers are GPU ones: on a CPU the fused norm recompiles per shape
-        out.warn("--fast does nothing on the CPU (fused GroupNorm+SiLU and cuDNN autotuning are GPU levers; "
-                 "on a CPU the fused norm is compiled anew for each shape and runs slower)")
-        fast = False
-    model = load_weights(weights, dev, dt, norm, fast, compile, out)
-    if cut.mode == "stream" and not exact_streaming(model.config):
-        out.warn("--mode stream only approximates this model (its norm or attention spans the whole clip); "
-                 "--mode auto cuts it as Open-Sora-Plan does")
-    if cut.budget is not None:
-        budget = Budget(cut.budget, direction, dev.type == "cuda")
-    else:  # unknown (not Linux, not CUDA): no limit, the largest cut
-        budget = default_budget(dev, model, direction) or Budget(2**62, direction, dev.type == "cuda", "unknown")
-    policy = Policy(model.config, dt, model.levers, budget, cut.mode, cut.chunk, cut.tile, warn=out.warn)
+    tok = Tokenizer.load(weights, device, dtype, norm, fast, compile, cut.mode, cut.chunk, cut.tile, cut.budget,
+                         local_rank=local_rank, direction=direction, on_warning=out.warn)
+    for note in tok.notes:
+        out.info(escape(f"note: {note}"))
     interrupt.check()  # loading takes a while: a Ctrl-C during it stops here
-    return Engine(model, cut, policy)
+    return Engine(tok.model, cut, tok.policy)
 
 
 def show_cuts(out: Output, engine: Engine, pending: list[Job],
