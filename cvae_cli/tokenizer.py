@@ -682,10 +682,9 @@ class Tokenizer:
                              "`cvae inflate` makes the better Stable Diffusion one")
         model = load_model(weights, norm=norm, device=place, dtype=precision)
         if fast or compile:
-            from .accel import Acceleration, prepare
+            from .accel import speed_up
 
-            # channels-last is left out: slower on a GPU (benchmarks/README.md)
-            prepare(model, Acceleration(fused_norm=fast, compile=compile, cudnn_benchmark=fast and is_cuda(place)))
+            speed_up(model, fast=fast, compile=compile)
         if cut.mode == "stream" and not exact_streaming(model.config):
             warnings.append("--mode stream only approximates this model (its norm or attention spans the whole "
                             "clip); --mode auto cuts it as Open-Sora-Plan does")
