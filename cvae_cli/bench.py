@@ -127,17 +127,15 @@ def flops(config: CausalVAEConfig, levers: Levers, frames: int, height: int, wid
 
 
 def counted_peaks(config: CausalVAEConfig, levers: Levers, dtype: torch.dtype, width: int, height: int,
-                  chunk: int, frames: int) -> tuple[int, int] | None:
-    """The exact peak bytes (encode, decode) of the model's tensors, counted on the meta device;
-    None where the count is not at hand (an installed package without the repository's benchmarks/)."""
-    try:
-        from benchmarks.memory import measure  # moves to cvae_cli.budget (issue 20 item 1)
-    except ImportError:
-        return None
-    with torch.device("meta"):
-        model = CausalVAE(config).eval().to(dtype).use_levers(replace(levers, compile=False, fused_norm=False))
-    counts = measure(model, width, height, chunk)
-    return (counts["photo"], counts["photo"]) if frames == 1 else (counts["encode"], counts["decode"])
+                  chunk: int, frames: int) -> tuple[int, int]:
+    """The exact peak bytes (encode, decode) of the model's tensors streaming this clip, counted
+    on the meta device (`budget.count`; weights not included)."""
+    from .budget import count
+
+    image = frames == 1
+    counted = count(config, dtype, levers, "reconstruct", width, height, StreamOptions(chunk=chunk), image=image,
+                    frames=frames)
+    return counted.encode.peak, counted.decode.peak
 
 
 class Peak:
