@@ -17,7 +17,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import CvaeError
 

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import tempfile
 import time
 import typing

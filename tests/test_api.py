@@ -7,9 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import pytest
 import torch
 
 from cvae_cli.checkpoints import save_model, save_sd_vae

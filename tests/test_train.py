@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,7 +20,7 @@ from cvae_cli.checkpoints import load_model, provenance, read_state_dict
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.metrics import psnr
-from cvae_cli.model import CausalVAE, image_config
+from cvae_cli.model import CausalVAE
 from cvae_cli.train import Start, TrainOptions, Trainer, from_flat, read_config, read_rows, to_uint8, train
 from conftest import cvae_process, wait_for
 

@@ -64,7 +64,7 @@ def train(quiet: bool = False, **values) -> None:
     ```
     """
     from ..distributed import Dist
-    from ..train import Report, Start, TrainOptions, from_flat, train as run_training
+    from ..train import Start, TrainOptions, from_flat, train as run_training
 
     values = {k: [] if v is None and k in ("val", "lpips") else v for k, v in values.items()}
     start, opts = from_flat(Start, values), from_flat(TrainOptions, values)

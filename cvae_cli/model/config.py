@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 RESNET_BLOCKS = ("ResnetBlock3D", "ResnetBlock2D")
