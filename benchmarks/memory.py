@@ -52,6 +52,14 @@ def measure(model: CausalVAE, width: int, height: int, chunk: int = 4, tile: int
     return out
 
 
+def config_for(norm: str, width: int) -> CausalVAEConfig:
+    """The released layout at `width`, clip norm as released, or frame norm with per-frame attention
+    (the inflated models: they stream exactly)."""
+    fields = dict(norm=norm) if norm == "clip" else dict(norm="frame", encoder_attention="AttnBlock3DFix",
+                                                          decoder_attention="AttnBlock3DFix")
+    return CausalVAEConfig(hidden_size=width, **fields)
+
+
 def budget_table(args) -> None:
     """The cut `--chunk auto --tile auto` takes under each budget, and its counted peak (weights
     and, with --cuda, cuDNN's copies included), for encode and decode."""
@@ -62,9 +70,7 @@ def budget_table(args) -> None:
     print("| norm | size | direction | " + " | ".join(f"{b:g} GiB" for b in budgets) + " |")
     print("|---|---|---|" + "---|" * len(budgets))
     for norm in args.norms.split(","):
-        fields = dict(norm=norm) if norm == "clip" else dict(norm="frame", encoder_attention="AttnBlock3DFix",
-                                                              decoder_attention="AttnBlock3DFix")
-        config = CausalVAEConfig(hidden_size=args.width, **fields)
+        config = config_for(norm, args.width)
         for name in args.targets.split(","):
             w, h = size(name)
             for direction in ("encode", "decode"):
@@ -88,9 +94,7 @@ def choice_cost(args) -> None:
 
     dtype, gib = getattr(torch, args.dtype), float(args.cost)
     for norm in args.norms.split(","):
-        fields = dict(norm=norm) if norm == "clip" else dict(norm="frame", encoder_attention="AttnBlock3DFix",
-                                                              decoder_attention="AttnBlock3DFix")
-        config = CausalVAEConfig(hidden_size=args.width, **fields)
+        config = config_for(norm, args.width)
         for name in args.targets.split(","):
             w, h = size(name)
             for direction in ("encode", "decode"):

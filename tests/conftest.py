@@ -88,6 +88,15 @@ def put_in_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
         shutil.copy(src, dest)
 
 
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A tiny model that streams exactly (frame norm, per-frame attention), saved as a cvae weights
+    file: what the command-level tests encode and decode with, one per test module."""
+    from cvae_cli.checkpoints import save_model
+
+    return save_model(random_model(**FRAME_NORM), tmp_path_factory.mktemp("w") / "tiny.safetensors", init="random")
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

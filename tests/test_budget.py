@@ -24,11 +24,6 @@ CPU_OOM = ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 26
 MiB = 2**20
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return save_model(random_model(**FRAME_NORM), tmp_path_factory.mktemp("w") / "frame.safetensors", init="random")
-
-
 def test_sizes_parse_strictly():
     assert parse_size("12GiB") == 12 * 2**30 and parse_size("800MiB") == 800 * MiB
     assert parse_size("1.5 GB") == 1_500_000_000 and parse_size("64kib") == 65536

@@ -18,19 +18,13 @@ from cvae_cli import media, tokenizer
 from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.latents import LatentFile
-from conftest import FRAME_NORM, REPO, make_video, put_in_cache, random_model, rel_err
+from conftest import REPO, make_video, put_in_cache, random_model, rel_err
 
 runner = CliRunner()
 
 
 def cvae(*args: str):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    model = random_model(**FRAME_NORM)
-    return save_model(model, tmp_path_factory.mktemp("w") / "tiny.safetensors", init="random")
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cvae_cli import dataset
-from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile
-from conftest import REPO, cvae_process, make_video, random_model, rel_err, wait_for
+from conftest import REPO, cvae_process, make_video, rel_err, wait_for
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return save_model(random_model(norm="frame"), tmp_path_factory.mktemp("w") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

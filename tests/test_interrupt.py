@@ -63,13 +63,6 @@ def test_background_thread_ends_with_its_consumer():
     assert not [t for t in threading.enumerate() if t.name == "cvae-background"]  # ...and waits for it
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from cvae_cli.checkpoints import save_model
-
-    return save_model(random_model(**FRAME_NORM), tmp_path_factory.mktemp("w") / "tiny.safetensors")
-
-
 def stopped(tmp_path, sig: signal.Signals, *args: str) -> subprocess.CompletedProcess:
     """Run `cvae ARGS`, whose first input stops after 6 frames (a writer is mid-file then), send
     `sig` once it is there, and return the finished process."""

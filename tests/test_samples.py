@@ -10,21 +10,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cvae_cli import media
-from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.manifest import Clip, read_manifest
 from cvae_cli import Selection
 from cvae_cli.samples import Cutting, check_keys, nearest_bucket, parse_buckets, preset, row_samples
-from conftest import REPO, random_model
+from conftest import REPO
 
 runner = CliRunner()
 COCKATOO, COFFEE = REPO / "examples" / "cockatoo.mp4", REPO / "examples" / "coffee.jpg"  # 41 frames at 20 fps; 600x400
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return save_model(random_model(norm="frame"), tmp_path_factory.mktemp("w") / "tiny.safetensors")
 
 
 def row(path: Path = COCKATOO, **fields) -> Clip:

@@ -27,11 +27,6 @@ KEYS = ["cockatoo_000000", "cockatoo_000012", "cockatoo_000024", "cockatoo_00003
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return save_model(random_model(norm="frame"), tmp_path_factory.mktemp("w") / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     for src in (COCKATOO, COFFEE):

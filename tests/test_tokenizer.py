@@ -7,11 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from cvae_cli import Tokenizer, media
-from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile
-from conftest import FRAME_NORM, clip, make_video, random_model
+from conftest import clip, make_video
 
 runner = CliRunner()
 
@@ -20,11 +19,6 @@ def cvae(*args):
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 0, r.output
     return r
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return save_model(random_model(**FRAME_NORM), tmp_path_factory.mktemp("w") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
