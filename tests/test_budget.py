@@ -165,16 +165,19 @@ def test_a_latent_holding_nan_is_never_written(tmp_path):
         assert not (tmp_path / output).exists() and not list(tmp_path.glob(".a*"))
 
 
-MEASURED = """import atexit, resource, runpy, sys
+# VmHWM, not ru_maxrss: Linux keeps the parent's ru_maxrss across exec, so a child of a large
+# pytest process would report the parent's peak
+MEASURED = """import atexit, runpy, sys
 report = sys.argv.pop(1)
-atexit.register(lambda: open(report, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+hwm = lambda: next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
+atexit.register(lambda: open(report, "w").write(hwm()))
 sys.argv[0] = "cvae"
 runpy.run_module("cvae_cli", run_name="__main__")
 """
 
 
 def peak_rss(tmp_path: Path, *args) -> int:
-    """Peak resident bytes of `cvae ARGS` in its own process, read by itself at exit (Linux: KiB)."""
+    """Peak resident bytes of `cvae ARGS` in its own process, read by itself at exit (VmHWM, KiB)."""
     command, env = cvae_process(*args)
     report = tmp_path / "rss.txt"
     r = subprocess.run([command[0], "-c", MEASURED, str(report), *command[3:]], env=env, cwd=REPO,
