@@ -18,7 +18,7 @@ _LAZY = {
     "open_media": "media", "MediaFile": "media", "MediaInfo": "media",
     "Tokenizer": "tokenizer", "Selection": "tokenizer",
     "encode_file": "tokenizer", "encode_many": "tokenizer", "decode_file": "tokenizer", "reconstruct_file": "tokenizer",
-    "read_manifest": "dataset", "run_manifest": "dataset", "Dist": "distributed",
+    "read_manifest": "dataset", "DatasetJob": "dataset", "Dist": "distributed",
     "psnr": "metrics", "ssim": "metrics", "LatentDataset": "loader",
 }
 

@@ -500,23 +500,44 @@ def prepare(clips: list[Clip], out_dir: Path, dist: Dist = Dist(), *, cutting: C
     return make_plan(clips, out_dir, dist, overwrite, cutting=cutting, select=select, done=set(listing.keys))
 
 
-def run_manifest(model, clips: list[Clip], out_dir: Path, options: Options, select: Selection = Selection(), *,
-                 dist: Dist | None = None, seed: int | None = None, save_logvar: bool = False,
-                 overwrite: bool = False, batch_size: int = 1, cutting: Cutting = Cutting(),
-                 sharding: Sharding | None = None, note: Note | None = None,
-                 progress: ProgressFactory | None = None) -> Summary:
-    """The whole dataset job for this process: plan, encode this rank's share, gather the summary
-    (`dist` already started, or one process)."""
-    from .checkpoints import model_id
+@dataclass(frozen=True)
+class DatasetJob:
+    """A whole dataset job, as `cvae encode --manifest` runs it: the manifest's rows, where the
+    outputs go, how each row is selected, cut into samples and stored.
 
-    dist = dist or Dist()
-    made_with = None if sharding is None else settings(model_id(model), cutting, select, seed, save_logvar)
-    plan = prepare(clips, out_dir, dist, cutting=cutting, select=select, sharding=sharding,
-                   overwrite=overwrite, made_with=made_with)
-    outcome = run_plan(model, plan, options, select, rank=dist.rank, seed=seed, save_logvar=save_logvar,
-                       overwrite=overwrite, batch_size=batch_size,
-                       shard_size=sharding.size if sharding is not None else 1000, note=note, progress=progress)
-    return finish(dist, out_dir, outcome, plan)
+        job = DatasetJob(read_manifest("clips.csv"), Path("latents"))
+        summary = job.run(Tokenizer.load(direction="encode"))
+    """
+
+    clips: list[Clip]
+    out_dir: Path
+    select: Selection = Selection()
+    cutting: Cutting = Cutting()
+    sharding: Sharding | None = None  # None: a file a sample
+    seed: int | None = None  # store a posterior sample of this seed instead of the mean
+    save_logvar: bool = False
+    overwrite: bool = False
+    batch_size: int = 1
+
+    def plan(self, dist: Dist = Dist(), made_with: dict | None = None) -> Plan:
+        """What this job would do, and what is done already (no output is changed without
+        `made_with`; see `prepare`)."""
+        return prepare(self.clips, self.out_dir, dist, cutting=self.cutting, select=self.select,
+                       sharding=self.sharding, overwrite=self.overwrite, made_with=made_with)
+
+    def run(self, tok, dist: Dist | None = None, *, note: Note | None = None,
+            progress: ProgressFactory | None = None) -> Summary:
+        """Plan, encode this process's share with the Tokenizer `tok`, and gather the summary
+        (`dist` already started, or one process)."""
+        dist = dist or Dist()
+        made_with = None if self.sharding is None else \
+            settings(tok.model_id, self.cutting, self.select, self.seed, self.save_logvar)
+        plan = self.plan(dist, made_with)
+        outcome = run_plan(tok.model, plan, tok.policy, self.select, rank=dist.rank, seed=self.seed,
+                           save_logvar=self.save_logvar, overwrite=self.overwrite, batch_size=self.batch_size,
+                           shard_size=self.sharding.size if self.sharding is not None else 1000, note=note,
+                           progress=progress)
+        return finish(dist, Path(self.out_dir), outcome, plan)
 
 
 def line_writer(rank: int, world: int, stream=None) -> Note:

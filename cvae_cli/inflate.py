@@ -151,3 +151,26 @@ def inflate(source: dict[str, torch.Tensor] | str | Path, init: str = "tail", no
     set_provenance(model, {"init": init, "arch": arch if isinstance(arch, str) else "custom",
                            "source": "state dict" if isinstance(source, dict) else str(source)})
     return model
+
+
+def inflate_to_file(source: str | Path | None = None, init: str = "tail", arch: str = "v1.0.0", norm: str = "frame",
+                    output: str | Path | None = None, overwrite: bool = False) -> tuple[Path, CausalVAE]:
+    """What `cvae inflate` does: the SD VAE (`source`: a hub id or a local file; None: the default,
+    from the cache or the hub) inflated and saved to `output` (None: where the default weights
+    live, named for the choices). Existing weights are kept unless `overwrite`: latents made with
+    them decode only with them. Returns the file written and the model."""
+    from .checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, inflated_weights, save_model
+    from .outputs import check_suffix
+
+    check_choices(init, arch, norm)
+    output = Path(output or inflated_weights(init, arch, norm))
+    check_suffix(output, [".safetensors"], "weights")
+    if output.exists() and not overwrite:
+        raise CvaeError(f"{output} exists: pass --overwrite to replace it (latents made with it will then "
+                        "decode only with a copy of it)")
+    path = fetch_sd_vae(source)
+    if source and output.resolve() == Path(path).resolve():
+        raise CvaeError(f"{output} is the input of this command: refusing to write over it")
+    model = inflate(path, init=init, norm=norm, arch=arch)
+    set_provenance(model, {"source": source or DEFAULT_SD_VAE})
+    return save_model(model, output), model

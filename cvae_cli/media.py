@@ -117,13 +117,21 @@ class MediaFile:
             self._stack = self._stack.pop_all()
 
     def frames(self, *, start: int = 0, end: int | None = None, fps=None, size: tuple[int, int] | None = None,
-               allow_partial: bool = False, times: list | None = None,
-               box: tuple[float, float, float, float] | None = None) -> Iterator[np.ndarray]:
-        """Yield upright RGB frames [start, end) (indices after resampling to `fps` when given),
-        resized to `size` = (W, H) when given; `box` = (left, top, right, bottom), in upright
-        pixels, is the region resized to `size` (a crop in the same resampling step). A still image yields one frame (index 0). A list
-        passed as `times` receives each yielded frame's presentation time, in seconds from the
-        first one (a variable frame rate's real times; k/fps after resampling). Once per file.
+               allow_partial: bool = False, box: tuple[float, float, float, float] | None = None
+               ) -> Iterator[np.ndarray]:
+        """The frames of `timed_frames`, without their times."""
+        timed = self.timed_frames(start=start, end=end, fps=fps, size=size, allow_partial=allow_partial, box=box)
+        return _untimed(timed)
+
+    def timed_frames(self, *, start: int = 0, end: int | None = None, fps=None,
+                     size: tuple[int, int] | None = None, allow_partial: bool = False,
+                     box: tuple[float, float, float, float] | None = None) -> Iterator[tuple[np.ndarray, Fraction]]:
+        """Yield (frame, time): upright RGB frames [start, end) (indices after resampling to `fps`
+        when given), resized to `size` = (W, H) when given; `box` = (left, top, right, bottom), in
+        upright pixels, is the region resized to `size` (a crop in the same resampling step); each
+        with its presentation time in seconds from the first frame yielded (a variable frame rate's
+        real times; k/fps after resampling). A still image yields one frame (index 0), at 0. Once
+        per file.
 
         Corruption rule: a video is corrupt when the demuxer or decoder raises, or when fewer
         packets could be read than the container's own index lists (a file cut short). The header
@@ -136,13 +144,11 @@ class MediaFile:
         self._read = True
         if self.info.is_image:
             selected = start == 0 and (end is None or end > 0)
-            if selected and times is not None:
-                times.append(Fraction(0))
-            return iter([_resize(_load_image(self.path), size, box)] if selected else [])
+            return iter([(_resize(_load_image(self.path), size, box), Fraction(0))] if selected else [])
         self._decoder.allow_partial = allow_partial
-        return self._video_frames(start, end, fps, size, times, box)
+        return self._video_frames(start, end, fps, size, box)
 
-    def _video_frames(self, start, end, fps, size, times: list | None, box=None) -> Iterator[np.ndarray]:
+    def _video_frames(self, start, end, fps, size, box=None) -> Iterator[tuple[np.ndarray, Fraction]]:
         with self:
             if end is not None and end <= start:
                 return
@@ -155,15 +161,13 @@ class MediaFile:
                     return
                 if i < start:
                     continue
-                if times is not None:
-                    origin = t if origin is None else origin
-                    times.append(t - origin)
+                origin = t if origin is None else origin
                 if frame is last_frame:  # a repeat from resampling: same pixels, own buffer
-                    yield last_array.copy()
+                    yield last_array.copy(), t - origin
                     continue
                 array = _to_rgb(frame, self._crop, size, box)
                 last_frame, last_array = frame, array
-                yield array
+                yield array, t - origin
 
     def close(self) -> None:
         self._stack.close()
@@ -496,6 +500,16 @@ class _Decoder:
         if broken and not self.allow_partial:
             raise CvaeError(f"{p}: video is corrupt or truncated after {frames} frames "
                             "(use --allow-partial to keep them)")
+
+
+def _untimed(timed: Iterator[tuple[np.ndarray, Fraction]]) -> Iterator[np.ndarray]:
+    try:
+        for frame, _ in timed:
+            yield frame
+    finally:  # closing this closes the decode now, not when the collector gets to it
+        close = getattr(timed, "close", None)
+        if close is not None:
+            close()
 
 
 def _frame_step(stream) -> Fraction:

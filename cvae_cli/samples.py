@@ -221,10 +221,8 @@ class _SharedVideo:
         self.file = media.open_media(path)
         try:
             self.info = self.file.info
-            self.times: list = []
-            self._frames = self.file.frames(start=0, end=end, fps=select.fps, size=select.resize(self.info),
-                                            allow_partial=select.allow_partial, times=self.times,
-                                            box=select.box(self.info))
+            self._frames = self.file.timed_frames(start=0, end=end, fps=select.fps, size=select.resize(self.info),
+                                                  allow_partial=select.allow_partial, box=select.box(self.info))
         except BaseException:
             self.file.close()
             raise
@@ -264,10 +262,10 @@ class _SharedVideo:
                 if self._error is not None:
                     raise self._error
                 return None
-            frame = self._buffer[i - self._base]
+            timed = self._buffer[i - self._base]
             self._positions[view] = i + 1
             self._trim()
-            return frame, self.times[i]
+            return timed
 
     def _trim(self) -> None:
         keep = min([*self._positions.values(), self._floor])
@@ -291,15 +289,15 @@ class _ClipView(media.MediaFile):
         self._closed = False
         shared.open(view, start)
 
-    def frames(self, *, start: int = 0, end: int | None = None, fps=None, size=None, allow_partial: bool = False,
-               times: list | None = None, box=None):
+    def timed_frames(self, *, start: int = 0, end: int | None = None, fps=None, size=None,
+                     allow_partial: bool = False, box=None):
         if (start, end) != (self._start, self._end):
             raise ValueError(f"clip view [{self._start}, {self._end}) asked for [{start}, {end})")
         if (fps, size, box, allow_partial) != self._shared.key:
             raise ValueError("clip view asked for another rate, size or crop than its video is decoded at")
-        return self._frames(times)
+        return self._timed_frames()
 
-    def _frames(self, times: list | None):
+    def _timed_frames(self):
         with self:
             origin = None
             for i in range(self._start, self._end):
@@ -307,10 +305,8 @@ class _ClipView(media.MediaFile):
                 if got is None:
                     return
                 frame, t = got
-                if times is not None:
-                    origin = t if origin is None else origin
-                    times.append(t - origin)
-                yield frame
+                origin = t if origin is None else origin
+                yield frame, t - origin
 
     def close(self) -> None:
         if not self._closed:

@@ -115,13 +115,11 @@ def padded_size(size: int, factor: int = 8) -> int:
     return factor * math.ceil(size / factor)
 
 
-def pad_frames(frames: Iterable[np.ndarray], factor: int, counter: list[int] | None = None) -> Iterator[np.ndarray]:
-    """Repeat the last frame so the count becomes 1 + factor*k; `counter[0]` ends as the true count."""
+def pad_frames(frames: Iterable[np.ndarray], factor: int) -> Iterator[np.ndarray]:
+    """Repeat the last frame so the count becomes 1 + factor*k."""
     n, last = 0, None
     for n, last in enumerate(frames, 1):
         yield last
-    if counter is not None:
-        counter[0] = n
     if last is not None:
         yield from itertools.repeat(last, padded_length(n, factor) - n)
 
@@ -311,17 +309,16 @@ def decode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None]
 
 
 @torch.inference_mode()
-def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]], options: StreamOptions,
-                 counters: Sequence[list[int]] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]],
+                 options: StreamOptions) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Encode clips of one frame size together, their chunks stacked along the batch (one model call
     per step for all of them); yield (clip index, mean, logvar) chunks as `encode_frames` does."""
     ft, fs = model.config.time_compression, model.config.space_compression
     device, dtype = placement(model)
     first, size, overlap = plan(options, ft, latent=False)
-    counters = counters or [None] * len(clips)
     sources = [((frames_to_pixels(group, device, dtype, fs), last)
-                for group, last in groups(pad_frames(frames, ft, n), first, size, overlap))
-               for frames, n in zip(clips, counters)]
+                for group, last in groups(pad_frames(frames, ft), first, size, overlap))
+               for frames in clips]
 
     seen = [0] * len(clips)
     for i, moments in lockstep(sources, Tiler(options.tile, 1 / fs, options.mode == "stream"), encode_step(model)):
@@ -330,13 +327,12 @@ def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]], option
         yield (i, *moments.chunk(2, dim=0))
 
 
-def encode_frames(model: CausalVAE, frames: Iterable[np.ndarray], options: StreamOptions,
-                  counter: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def encode_frames(model: CausalVAE, frames: Iterable[np.ndarray],
+                  options: StreamOptions) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (mean, logvar) latent chunks, each (C, t, h, w), as the frames stream in.
 
-    The frame count is padded to 1 + 4k by repeating the last frame; `counter[0]` receives the
-    true count once the frames run out."""
-    for _, mean, logvar in encode_batch(model, [frames], options, [counter]):
+    The frame count is padded to 1 + 4k by repeating the last frame."""
+    for _, mean, logvar in encode_batch(model, [frames], options):
         yield mean, logvar
 
 

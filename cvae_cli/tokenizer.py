@@ -192,11 +192,17 @@ class Selection:
         end = frames if self.end is None else min(frames, self.end)
         return max(0, round(end - self.start))
 
-    def frames(self, source: media.MediaFile, times: list | None = None) -> Iterator[np.ndarray]:
-        """The selected frames of an opened input (their times, seconds from the first, appended
-        to `times` when given)."""
-        return source.frames(start=self.start, end=self.end, fps=self.fps, size=self.resize(source.info),
-                             allow_partial=self.allow_partial, times=times, box=self.box(source.info))
+    def frames(self, source: media.MediaFile) -> Iterator[np.ndarray]:
+        """The selected frames of an opened input."""
+        return source.frames(**self._arguments(source.info))
+
+    def timed_frames(self, source: media.MediaFile) -> Iterator[tuple[np.ndarray, Fraction]]:
+        """The selected frames of an opened input, each with its time in seconds from the first."""
+        return source.timed_frames(**self._arguments(source.info))
+
+    def _arguments(self, info: media.MediaInfo) -> dict:
+        return dict(start=self.start, end=self.end, fps=self.fps, size=self.resize(info),
+                    allow_partial=self.allow_partial, box=self.box(info))
 
     def variable_times(self, info: media.MediaInfo, times: list) -> tuple | None:
         """The frame times worth keeping: a video's own, when they are off the 1/fps grid by more
@@ -246,8 +252,8 @@ class _Encoding:
     output: Path
     select: Selection
     writer: LatentWriter | None = None
-    times: list = field(default_factory=list)  # the frames' times, filled as they are read
-    read: list = field(default_factory=lambda: [0])  # frames read so far (the reader's counter)
+    times: list = field(default_factory=list)  # the times of the frames read so far
+    read: int = 0  # frames read so far
     counted: int = 0  # frames reported to progress: those the model has turned into latents
     latents: int = 0  # latent frames written
     outcome: Result | Exception | None = None
@@ -281,10 +287,11 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
     identity = model_id(model)  # once per call: a model not loaded from a file is hashed each time
     runs: list[_Encoding] = []
 
-    def guarded(run: _Encoding, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    def guarded(run: _Encoding, timed: Iterable[tuple[np.ndarray, Fraction]]) -> Iterator[np.ndarray]:
         try:
-            for frame in frames:
-                run.read[0] += 1
+            for frame, t in timed:
+                run.times.append(t)
+                run.read += 1
                 yield frame
         except Exception as e:  # this input's failure: end its stream, keep the batch going
             run.outcome = e
@@ -292,7 +299,7 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
     def advance(run: _Encoding, latents: int) -> None:
         """Report the frames these latents stand for (1, then 4 per latent), at most those read."""
         run.latents += latents
-        done = min(1 + ft * (run.latents - 1), run.read[0])
+        done = min(1 + ft * (run.latents - 1), run.read)
         if progress and done > run.counted:
             progress(done - run.counted)
         run.counted = max(run.counted, done)
@@ -315,14 +322,14 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
         if not live:
             return [run.outcome for run in runs]
         width, height = live[0].select.model_size(live[0].source.info)
-        readers = [stack.enter_context(contextlib.closing(background(run.select.frames(run.source, run.times),
-                                                                     prefetch))) for run in live]
+        readers = [stack.enter_context(contextlib.closing(background(run.select.timed_frames(run.source), prefetch)))
+                   for run in live]
         streams = [guarded(run, reader) for run, reader in zip(live, readers)]
         image = all(run.source.info.is_image for run in live)
         lengths = [run.select.expected_frames(run.source.info) for run in live]
         frames = None if None in lengths else max(lengths)
         opts = _options(options, width, height, image, frames, len(live))
-        chunks = encode_batch(model, streams, opts, [run.read for run in live])
+        chunks = encode_batch(model, streams, opts)
         with contextlib.closing(background(chunks, prefetch)) as chunks:
             for i, mean, logvar in chunks:
                 run = live[i]
@@ -368,7 +375,7 @@ def _latent_chunks(latents: torch.Tensor | LatentFile, options: StreamOptions, m
 
 
 def _finish(run: _Encoding, model: CausalVAE) -> Result | CvaeError:
-    n = run.read[0]
+    n = run.read
     try:
         if n == 0:
             raise CvaeError(f"{run.source.path}: no frames selected")
@@ -537,15 +544,16 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
         remove_stale(dst)
         width, height = select.model_size(info)
         opts = _options(options, width, height, info.is_image, select.expected_frames(info))
-        times: list = []  # the input's frame times, kept for the output (filled ahead of the writer)
+        times: list = []  # the input's frame times, for the writer (kept ahead of it)
         pending: collections.deque[np.ndarray] = collections.deque()  # inputs awaiting their output
         scores = FrameMetrics() if metrics else None
         written: list[tuple[np.ndarray, np.ndarray]] = []  # the chunk handed to the writer last, to score
         failure: list[str] = []
 
-        def remember(frames):
-            for frame in frames:
+        def remember(timed):
+            for frame, t in timed:
                 pending.append(frame)
+                times.append(t)
                 yield frame
 
         def score_written() -> None:
@@ -565,7 +573,7 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
             written.append((inputs, chunk))
             return np.concatenate([inputs, chunk], axis=2) if side_by_side else chunk
 
-        frames = stack.enter_context(contextlib.closing(background(select.frames(source, times), prefetch)))
+        frames = stack.enter_context(contextlib.closing(background(select.timed_frames(source), prefetch)))
         def finite(chunks):
             for mean, _ in chunks:
                 check_finite(mean, str(source.path))
@@ -581,6 +589,39 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
             raise CvaeError(f"{source.path}: no frames selected")
         score_written()
     return Result(dst, count, scores, failure[0] if failure else None)
+
+
+# --- many inputs, one at a time ---------------------------------------------------------------
+
+def one_by_one(jobs: Sequence[tuple[object, Path]], open_input: Callable[[object], ContextManager],
+               total: Callable[[object], int | None], run: Callable[[object, Path, Options, Progress | None], Result],
+               options: Options, device, progress: ProgressFactory | None = None,
+               note: Callable[[str], None] | None = None) -> Iterator[tuple[int, Result | Exception]]:
+    """(job index, outcome) of each (input, output) job in order: the input opened once
+    (`open_input`), run with `options`, once more with a smaller cut if it runs out of memory
+    (`attempt`, which reads the input afresh); an input's own failure is its outcome (`per_input`),
+    anything else raises."""
+    for k, (src, dst) in enumerate(jobs):
+        interrupt.check()  # between inputs
+        try:
+            opened = open_input(src)
+        except CvaeError as e:
+            yield k, e
+            continue
+        with opened as item, progress(_path(src).name, total(item)) if progress else \
+                contextlib.nullcontext(None) as advance:
+            tries = iter([item, src])
+            outcome, = attempt(lambda opts: [run(next(tries), dst, opts, advance)], 1, options, str(_path(src)),
+                               device, note)
+        yield k, outcome
+
+
+def _open_latent(src: LatentFile | str | Path) -> LatentFile:
+    return src if isinstance(src, LatentFile) else LatentFile.open(src)
+
+
+def _open_media(src: media.MediaFile | str | Path) -> media.MediaFile:
+    return src if isinstance(src, media.MediaFile) else media.open_media(src)
 
 
 # --- the cut policy ---------------------------------------------------------------------------
@@ -618,8 +659,8 @@ def _selection(select: Selection | None, fields: dict) -> Selection:
     return select if select is not None else Selection(**fields)
 
 
-def _path(src: str | Path | media.MediaFile) -> Path:
-    return src.path if isinstance(src, media.MediaFile) else Path(src)
+def _path(src: str | Path | media.MediaFile | LatentFile) -> Path:
+    return src.path if isinstance(src, (media.MediaFile, LatentFile)) else Path(src)
 
 
 def _target(src: Path, dst: Path | str | None, name: str, overwrite: bool) -> Path:
@@ -675,9 +716,12 @@ class Tokenizer:
         notes: list[str] = []
         warnings: list[str] = []
         warn = on_warning or warnings.append
+        if place.type == "cpu" and precision == torch.float16:
+            warn("--dtype fp16 on the CPU is about 20x slower than fp32 (the CPU has no fast fp16 kernels); "
+                 "leave --dtype auto")
         if fast and not is_cuda(place):  # its levers are GPU ones: on a CPU the fused norm recompiles per shape
             warn("--fast does nothing on the CPU (fused GroupNorm+SiLU and cuDNN autotuning are GPU "
-                            "levers; on a CPU the fused norm is compiled anew for each shape and runs slower)")
+                 "levers; on a CPU the fused norm is compiled anew for each shape and runs slower)")
             fast = False
         if weights is None:
             weights, builtin = default_weights()
@@ -691,7 +735,7 @@ class Tokenizer:
             speed_up(model, fast=fast, compile=compile)
         if cut.mode == "stream" and not exact_streaming(model.config):
             warn("--mode stream only approximates this model (its norm or attention spans the whole "
-                            "clip); --mode auto cuts it as Open-Sora-Plan does")
+                 "clip); --mode auto cuts it as Open-Sora-Plan does")
         return cls(model, cut, notes, warnings, _policy(model, cut, direction, warn))
 
     @property
@@ -725,12 +769,34 @@ class Tokenizer:
                            save_logvar=save_logvar, progress=progress)
 
     def encode_many(self, jobs: Sequence[tuple[Path, Path, Selection]], *, batch_size: int = 1,
-                    seed: int | None = None, save_logvar: bool = False,
-                    progress: ProgressFactory | None = None) -> Iterator[tuple[int, Result | Exception]]:
+                    seed: int | None = None, save_logvar: bool = False, progress: ProgressFactory | None = None,
+                    note: Callable[[str], None] | None = None) -> Iterator[tuple[int, Result | Exception]]:
         """(job index, outcome) of many (input, output, selection) jobs, `batch_size` of one size at a
         time; an input's own failure is its outcome (`per_input`)."""
         return encode_many(self.model, jobs, self.policy, batch_size=batch_size, seed=seed,
-                           save_logvar=save_logvar, progress=progress)
+                           save_logvar=save_logvar, progress=progress, note=note)
+
+    def decode_many(self, jobs: Sequence[tuple[str | Path | LatentFile, Path]], *, crf: int = 18,
+                    force: bool = False, progress: ProgressFactory | None = None,
+                    note: Callable[[str], None] | None = None) -> Iterator[tuple[int, Result | Exception]]:
+        """(job index, outcome) of many (latent, output) jobs, one at a time; an input's own failure
+        is its outcome (`per_input`)."""
+        return one_by_one(jobs, _open_latent, lambda latent: latent.meta.frames,
+                          lambda latent, dst, opts, advance: decode_file(self.model, latent, dst, opts, crf=crf,
+                                                                         force=force, progress=advance),
+                          self.policy, self.device, progress, note)
+
+    def reconstruct_many(self, jobs: Sequence[tuple[str | Path | media.MediaFile, Path]], *,
+                         select: Selection = Selection(), crf: int = 18, side_by_side: bool = False,
+                         metrics: bool = True, progress: ProgressFactory | None = None,
+                         note: Callable[[str], None] | None = None) -> Iterator[tuple[int, Result | Exception]]:
+        """(job index, outcome) of many (input, output) reconstructions, one at a time; an input's
+        own failure is its outcome (`per_input`)."""
+        return one_by_one(jobs, _open_media, lambda source: select.expected_frames(source.info),
+                          lambda source, dst, opts, advance: reconstruct_file(
+                              self.model, source, dst, opts, select, crf=crf, side_by_side=side_by_side,
+                              metrics=metrics, progress=advance),
+                          self.policy, self.device, progress, note)
 
     def decode(self, latent: str | Path | LatentFile, dst: str | Path | None = None, *, crf: int = 18,
                force: bool = False, overwrite: bool = False, progress: Progress | None = None) -> Result:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -114,6 +116,17 @@ def cvae_process(*args, env_extra: dict | None = None, torchrun: int = 0,
                     "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}  # torchrun's default, in both runs
     return launcher + [str(a) for a in args], env
+
+
+def kill_when_reading(args: list, inject_hang: str, marker: Path, what: str) -> None:
+    """Run `cvae ARGS` as its own process until it reaches the read that `hang:...` (tests/inject.py)
+    names, then SIGKILL it there, as a machine that dies mid-run would."""
+    cmd, env = cvae_process(*args, inject=f"{inject_hang}:{marker}")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, what)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before {what}"
 
 
 def wait_for(condition: Callable[[], bool], what: str, limit_s: float = 300) -> None:

@@ -26,7 +26,7 @@ from cvae_cli.cli import app  # noqa: E402
 
 
 def hang(index: int, frames: int, marker: str) -> None:
-    real, calls = media.MediaFile.frames, [0]
+    real, calls = media.MediaFile.timed_frames, [0]
 
     def frames_then_hang(self, **selection):
         call, calls[0] = calls[0], calls[0] + 1
@@ -38,7 +38,7 @@ def hang(index: int, frames: int, marker: str) -> None:
                     time.sleep(0.02)
             yield frame
 
-    media.MediaFile.frames = frames_then_hang
+    media.MediaFile.timed_frames = frames_then_hang
 
 
 def fail(rank: int) -> None:

@@ -170,11 +170,9 @@ def test_batched_clips_equal_one_by_one(norm, tile):
     model = random_model(**norm)
     clips = [clip(17, 40, 72, seed=1), clip(9, 40, 72, seed=2), clip(23, 40, 72, seed=3), [], clip(17, 40, 72, seed=4)]
     opts = StreamOptions(chunk=8, tile=tile)
-    counters = [[0] for _ in clips]
     means: dict[int, list] = {i: [] for i in range(len(clips))}
-    for i, mean, _ in encode_batch(model, clips, opts, counters):
+    for i, mean, _ in encode_batch(model, clips, opts):
         means[i].append(mean)
-    assert [c[0] for c in counters] == [17, 9, 23, 0, 17]
     for i, frames in enumerate(clips):
         if not frames:
             assert not means[i]
@@ -233,15 +231,15 @@ def test_threaded_pipeline_equals_inline_and_surfaces_reader_errors(tmp_path, mo
                        LatentFile.open(tmp_path / "z2.safetensors").read())
     assert (tmp_path / "o0.mp4").read_bytes() == (tmp_path / "o2.mp4").read_bytes()
 
-    real = media.MediaFile.frames
+    real = media.MediaFile.timed_frames
 
     def broken(self, **selection):
-        for i, frame in enumerate(real(self, **selection)):
+        for i, timed in enumerate(real(self, **selection)):
             if i == 6:
                 raise CvaeError("in.mp4: corrupt packet")
-            yield frame
+            yield timed
 
-    monkeypatch.setattr(media.MediaFile, "frames", broken)
+    monkeypatch.setattr(media.MediaFile, "timed_frames", broken)
     before = sorted(p.name for p in tmp_path.iterdir())
     for depth in (0, 2):
         with pytest.raises(CvaeError, match="corrupt packet"):

@@ -66,6 +66,9 @@ def test_readme_snippet_runs_as_written(tmp_path, monkeypatch):
                 save_sd_vae(sd_vae, tmp_path / name)
             elif name.endswith((".mp4", ".mov", ".mkv", ".webm")):
                 shutil.copy(REPO / "examples" / "cockatoo.mp4", tmp_path / name)
+            elif name.endswith(".csv"):  # a manifest: one clip of the example's first 17 frames
+                shutil.copy(REPO / "examples" / "cockatoo.mp4", tmp_path / "cockatoo.mp4")
+                (tmp_path / name).write_text("path,end\ncockatoo.mp4,17\n")
             elif re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w.-]+)?", name) and not name.endswith(".safetensors"):
                 code = code.replace(repr(name), repr(str(tiny))).replace(f'"{name}"', repr(str(tiny)))
     monkeypatch.chdir(tmp_path)
@@ -80,3 +83,6 @@ def test_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     video = scope["video"]
     assert video.shape == clip.shape and -1 <= video.min() and video.max() <= 1
     assert callable(scope["inflate"]) and isinstance(scope["video_vae"], CausalVAE)
+    if "summary" in scope:  # the dataset snippet: one 17-frame clip, cut once, encoded
+        assert (scope["summary"].done, scope["summary"].failed) == (1, 0)
+        assert (tmp_path / "latents" / "cockatoo_000000.safetensors").is_file()

@@ -302,10 +302,24 @@ def test_unknown_weight_layout(tmp_path):
     assert not (tmp_path / "w.safetensors").exists()
 
 
-def test_help_has_examples():
-    for command in ("encode", "decode", "reconstruct", "inflate", "info"):
-        r = cvae(command, "--help")
-        assert r.exit_code == 0 and "Examples" in r.output
+def test_every_example_in_help_parses():
+    """Each command's --help shows examples, and each example is a command line its parser takes
+    (options that exist, with values of the right kind), so the help cannot drift from the options."""
+    import shlex
+
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name in ("encode", "decode", "reconstruct", "inflate", "info", "train", "bench"):
+        command = group.commands[name]
+        examples = [line.split("#")[0].strip() for line in (command.help or "").splitlines()
+                    if line.strip().startswith(("cvae ", "torchrun "))]
+        assert examples, f"cvae {name} --help shows no example"
+        for example in examples:
+            words = shlex.split(example)
+            words = words[words.index(name) + 1:]  # after `cvae NAME` or `torchrun ... -m cvae_cli NAME`
+            with command.make_context(name, words, resilient_parsing=False) as ctx:
+                assert ctx.params is not None, example
 
 
 def test_selection_sampling_and_logvar(tmp_path, weights):
@@ -455,7 +469,6 @@ def test_a_one_frame_video_decodes_to_a_one_frame_video(tmp_path, weights):
     assert cvae("decode", tmp_path / "one.safetensors", "-w", weights).exit_code == 0
     info = media.probe(tmp_path / "one.decoded.mp4")
     assert not info.is_image and info.frame_count == 1
-    assert "a video's latent, even of one frame, decodes to a video" in " ".join(cvae("decode", "--help").output.split())
 
 
 def test_latents_that_lie_or_hold_nan_are_refused(tmp_path, weights):
@@ -496,9 +509,6 @@ def test_version_info_on_media_and_help_without_bool_placeholders(tmp_path):
     for command in ("encode", "decode", "reconstruct", "inflate"):
         help_text = cvae(command, "--help").output
         assert "<bool>" not in help_text and "--quiet" in help_text
-    assert "(one input only)" not in cvae("inflate", "--help").output
-    assert "Audio and alpha are dropped" in " ".join(cvae("encode", "--help").output.split())
-    assert "after --fps resampling" in " ".join(cvae("encode", "--help").output.split())
 
 
 def test_dry_run_lists_the_jobs_and_notices_a_missing_file(tmp_path, weights):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from pathlib import Path, PurePosixPath
 
@@ -13,7 +12,7 @@ from cvae_cli import dataset
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile
-from conftest import REPO, cvae_process, make_video, rel_err, wait_for
+from conftest import REPO, cvae_process, kill_when_reading, make_video, rel_err
 
 runner = CliRunner()
 
@@ -159,12 +158,7 @@ def test_killed_run_resumes_without_redoing_work_or_leaving_corrupt_files(tmp_pa
     args = ["encode", "--manifest", videos / "list.txt", "--out-dir", out, "-w", weights, "--device", "cpu",
             "--chunk", "4"]
     # the third clip read (b/d.mp4) stops after 6 frames: a, b/c are done, b/d is half written
-    cmd, env = cvae_process(*args, inject=f"hang:2:6:{marker}")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: marker.exists() or proc.poll() is not None, "the run to reach its third clip")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_reading(args, "hang:2:6", marker, "the run to reach its third clip")
     first = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished(out)}
     assert sorted(first) == [out / "a.safetensors", out / "b" / "c.safetensors"]
     for p in first:

@@ -146,15 +146,15 @@ def test_each_clip_is_encoded_exactly_as_encode_frames_would(tmp_path, weights):
 def test_one_decode_serves_overlapping_clips_read_together_as_each_alone(monkeypatch):
     from cvae_cli.samples import ClipReaders
 
-    decodes, real = [], media.MediaFile.frames
-    monkeypatch.setattr(media.MediaFile, "frames", lambda self, **kw: decodes.append(kw) or real(self, **kw))
+    decodes, real = [], media.MediaFile.timed_frames
+    monkeypatch.setattr(media.MediaFile, "timed_frames", lambda self, **kw: decodes.append(kw) or real(self, **kw))
 
     base = Selection(fps=15, max_side=48)  # resampled (41 frames at 20 fps -> 31 at 15) and resized
     samples, _ = row_samples(row(), 0, media.probe(COCKATOO), Cutting(9, 4), base)
     assert spans(samples) == [(s, s + 9) for s in range(0, 22 + 1, 4)]
     with ClipReaders(samples, base) as readers:
         views = [readers.opener(s)() for s in samples[:3]]  # a batch of three, read in turns
-        streams = [iter(s.selection(base).frames(v, times)) for s, v, times in zip(samples, views, ([], [], []))]
+        streams = [iter(s.selection(base).frames(v)) for s, v in zip(samples, views)]
         together = [[] for _ in streams]
         for _ in range(9):
             for got, stream in zip(together, streams):

@@ -18,7 +18,7 @@ from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.errors import CvaeError
 from cvae_cli.latents import LatentFile
-from conftest import REPO, cvae_process, random_model, wait_for
+from conftest import REPO, cvae_process, kill_when_reading, random_model, wait_for
 
 runner = CliRunner()
 COCKATOO, COFFEE = REPO / "examples" / "cockatoo.mp4", REPO / "examples" / "coffee.jpg"  # 41 frames at 20 fps; 600x400
@@ -189,12 +189,7 @@ def test_sigkill_mid_shard_then_the_same_command_gives_every_sample_once(data, w
     command = args(data, out, weights, "--shards", "--shard-size", 2, "--max-side", 32)
     # the cockatoo's one decode stops at frame 38, inside its fourth clip: the first shard
     # (clips 0 and 12) is finished, the second holds clip 24 and is not
-    cmd, env = cvae_process(*command, inject=f"hang:0:38:{marker}")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: marker.exists() or proc.poll() is not None, "the run to reach its fourth clip")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_reading(command, "hang:0:38", marker, "the run to reach its fourth clip")
     assert [p.name for p in shards.shard_files(out)] == ["shard-00000-000000.tar"]
     assert len(list(out.glob(".shard-00000-000001.tar.*.part.tar"))) == 1  # the unfinished one
     kept = shards.shard_files(out)[0]

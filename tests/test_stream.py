@@ -18,9 +18,8 @@ def clip(n: int, h: int = 40, w: int = 56, seed: int = 0) -> list[np.ndarray]:
 
 
 def encode(model, frames, **options):
-    counter = [0]
-    chunks = list(encode_frames(model, frames, StreamOptions(**options), counter))
-    return torch.cat([m for m, _ in chunks], 1), torch.cat([lv for _, lv in chunks], 1), counter[0]
+    chunks = list(encode_frames(model, frames, StreamOptions(**options)))
+    return torch.cat([m for m, _ in chunks], 1), torch.cat([lv for _, lv in chunks], 1)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,8 @@ def test_groups_cut_with_overlap_and_flag_the_last():
 @pytest.mark.parametrize("frames", [23, 17, 1, 6])
 @pytest.mark.parametrize("chunk", [4, 8, 12, 16])
 def test_stream_encode_equals_whole_clip(frame_model, frames, chunk):
-    mean, logvar, count = encode(frame_model, clip(frames), mode="whole")
-    s_mean, s_logvar, s_count = encode(frame_model, clip(frames), mode="stream", chunk=chunk)
-    assert count == s_count == frames
+    mean, logvar = encode(frame_model, clip(frames), mode="whole")
+    s_mean, s_logvar = encode(frame_model, clip(frames), mode="stream", chunk=chunk)
     assert mean.shape[1] == (padded_length(frames) - 1) // 4 + 1
     assert rel_err(s_mean, mean) < 1e-5 and rel_err(s_logvar, logvar) < 1e-5
 
@@ -70,32 +68,32 @@ def test_stream_decode_equals_whole_clip(frame_model, chunk):
 
 def test_clip_norm_stream_is_an_approximation_that_window_mode_avoids_for_short_clips():
     model = random_model()  # released layout: clip norm, legacy attention
-    mean, _, _ = encode(model, clip(21), mode="whole")
+    mean, _ = encode(model, clip(21), mode="whole")
     assert rel_err(encode(model, clip(21), mode="window")[0], mean) == 0  # one 65-frame window
     assert rel_err(encode(model, clip(21), mode="stream", chunk=8)[0], mean) > 1e-4
 
 
 def test_window_mode_restarts_every_65_frames(frame_model):
     frames = clip(70, 16, 16)
-    mean, _, _ = encode(frame_model, frames, mode="window")
-    first, _, _ = encode(frame_model, frames[:65], mode="whole")
-    second, _, _ = encode(frame_model, frames[64:], mode="whole")
+    mean, _ = encode(frame_model, frames, mode="window")
+    first, _ = encode(frame_model, frames[:65], mode="whole")
+    second, _ = encode(frame_model, frames[64:], mode="whole")
     assert mean.shape[1] == 19  # 70 frames pad to 73 = 1 + 4*18
     assert torch.equal(mean, torch.cat([first, second[:, 1:]], 1))
 
 
 def test_tiles_stream_like_whole_frames(frame_model):
     frames = clip(9, 72, 104)
-    whole, _, _ = encode(frame_model, frames, mode="whole", tile=64)
-    streamed, _, _ = encode(frame_model, frames, mode="stream", chunk=4, tile=64)
-    untiled, _, _ = encode(frame_model, frames, mode="whole")
+    whole, _ = encode(frame_model, frames, mode="whole", tile=64)
+    streamed, _ = encode(frame_model, frames, mode="stream", chunk=4, tile=64)
+    untiled, _ = encode(frame_model, frames, mode="whole")
     assert rel_err(streamed, whole) < 1e-5
     assert whole.shape == untiled.shape == (4, 3, 9, 13)
     # each latent is its tile's own output where one tile covers it, a blend of the tiles' where
     # several do: tiles at pixels (0|8, 0|40), 64 wide, i.e. latents (0|1, 0|5), 8 wide
     own = torch.full((4, *whole.shape), float("nan"))
     for k, (y, x) in enumerate([(0, 0), (0, 40), (8, 0), (8, 40)]):
-        tile, _, _ = encode(frame_model, [f[y:y + 64, x:x + 64] for f in frames], mode="whole")
+        tile, _ = encode(frame_model, [f[y:y + 64, x:x + 64] for f in frames], mode="whole")
         own[k, :, :, y // 8:y // 8 + 8, x // 8:x // 8 + 8] = tile
     covered = (~own.isnan()).sum(0)
     assert covered.min() == 1 and covered.max() == 4
@@ -104,7 +102,7 @@ def test_tiles_stream_like_whole_frames(frame_model):
     low, high = own.nan_to_num(float("inf")).amin(0), own.nan_to_num(float("-inf")).amax(0)
     assert ((whole >= low - 1e-5) & (whole <= high + 1e-5)).all()
     assert (whole[covered > 1] != untiled[covered > 1]).any()  # the blend is not the untiled frame
-    small, _, _ = encode(frame_model, clip(5, 40, 56), mode="whole", tile=64)
+    small, _ = encode(frame_model, clip(5, 40, 56), mode="whole", tile=64)
     assert torch.equal(small, encode(frame_model, clip(5, 40, 56), mode="whole")[0])  # one tile: exact
 
 
@@ -157,8 +155,8 @@ def test_bfloat16_path_stays_close_to_float32(frame_model):
 
     half = copy.deepcopy(frame_model).to(torch.bfloat16)
     frames = clip(9, 24, 32)
-    mean, _, _ = encode(frame_model, frames, chunk=4)
-    bf16, _, _ = encode(half, frames, chunk=4)  # the inputs follow the model's dtype
+    mean, _ = encode(frame_model, frames, chunk=4)
+    bf16, _ = encode(half, frames, chunk=4)  # the inputs follow the model's dtype
     assert bf16.dtype == torch.bfloat16 and rel_err(bf16.float(), mean) < 2e-2
     pixels = np.concatenate(list(decode_latents(half, [mean], StreamOptions(chunk=4), 24, 32)))
     reference = np.concatenate(list(decode_latents(frame_model, [mean], StreamOptions(chunk=4), 24, 32)))

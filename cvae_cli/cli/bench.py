@@ -25,7 +25,17 @@ def bench(
     repeat: Annotated[int, typer.Option("--repeat", help="Timed runs of each, after a warm-up round.")] = 3,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures here (a new file).")] = None,
 ):
-    """Frames/s, peak memory beside its exact count, GFLOP per frame and TFLOP/s, on this machine."""
+    """Frames/s, peak memory beside its exact count, GFLOP per frame and TFLOP/s, on this machine
+    (random weights of a released layout unless --weights: nothing is downloaded).
+
+    Examples:
+
+    ```
+        cvae bench                                     # v1.0.0 layout, 17 frames of 720p, bf16 on a GPU
+        cvae bench --size 1280x720 --frames 17 --dtype bf16 --compare --json bench.json
+        cvae bench --config v1.1.0 --size 512x512 --frames 9 --device cpu --repeat 1
+    ```
+    """
     from ..bench import COMPARE, BenchOptions, bench as measure, parse_size
 
     width, height = parse_size(size)

@@ -1,16 +1,15 @@
 """`cvae inflate` and `cvae info`: making weights, and describing files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from ..errors import CvaeError
-from ..outputs import check_suffix, expand
+from ..outputs import expand
 from .app import command
 from .options import Inputs, Overwrite, Quiet
 from .output import Output
@@ -40,25 +39,12 @@ def inflate(
         cvae inflate --from ./vae-ft-mse-840000-ema-pruned.ckpt --init center -o weights/center.safetensors
     ```
     """
-    from ..checkpoints import DEFAULT_SD_VAE, fetch_sd_vae, inflated_weights, save_model, set_provenance
-    from ..inflate import check_choices, inflate as inflate_sd
+    from ..inflate import inflate_to_file
 
-    out = Output(quiet)
-    check_choices(init, arch, norm)
-    output = output or inflated_weights(init, arch, norm)
-    check_suffix(output, [".safetensors"], "weights")
-    if output.exists() and not overwrite:
-        raise CvaeError(f"{output} exists: pass --overwrite to replace it (latents made with it will then "
-                        "decode only with a copy of it)")
-    path = fetch_sd_vae(source)
-    if source and Path(output).resolve() == Path(path).resolve():
-        raise CvaeError(f"{output} is the input of this command: refusing to write over it")
-    model = inflate_sd(path, init=init, norm=norm, arch=arch)
-    set_provenance(model, {"source": source or DEFAULT_SD_VAE})
-    save_model(model, output)
+    output, model = inflate_to_file(source, init, arch, norm, output, overwrite)
     params = sum(p.numel() for p in model.parameters())
-    out.info(escape(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {params / 1e6:.1f} M parameters, "
-                    f"init {init}, arch {arch}, norm {norm})"))
+    Output(quiet).info(escape(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {params / 1e6:.1f} M "
+                              f"parameters, init {init}, arch {arch}, norm {norm})"))
 
 
 @command
@@ -74,13 +60,13 @@ def info(files: Inputs):
         cvae info clip.mp4 photo.jpg
     ```
     """
+    from ..describe import describe
+
     console, out = Console(highlight=False, soft_wrap=True), Output()
-    paths, failed = expand(files), 0
-    for path in paths:  # a bad file is said and skipped; the others are still described
+    failed = 0
+    for path in expand(files):  # a bad file is said and skipped; the others are still described
         try:
-            if not path.exists():
-                raise CvaeError(f"no such file: {path}")
-            lines = list(_describe(path))
+            lines = list(describe(path))
         except CvaeError as e:
             out.error(str(e))
             failed += 1
@@ -89,60 +75,3 @@ def info(files: Inputs):
             console.print(escape(line))
     if failed:
         raise typer.Exit(1)
-
-
-_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-
-
-def _describe(path: Path) -> Iterator[str]:
-    from .. import media
-    from ..checkpoints import weights_info
-    from ..latents import LatentFile
-
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                keys = f.metadata() or {}
-        except Exception as e:
-            raise CvaeError(f"{path} is not a readable safetensors file: {e}") from None
-        if any(k.startswith("cvae.") for k in keys):
-            with LatentFile.open(path) as latent:
-                yield f"{path}: latents {tuple(latent.shape)} ({'with' if latent.has_logvar else 'no'} logvar)"
-                for k, v in vars(latent.meta).items():
-                    if k == "frame_times" and v is not None:
-                        yield f"  {k}: {len(v)} times over {float(v[-1]):.3f} s (variable frame rate)"
-                    elif k not in ("model_config", "frame_times"):
-                        yield f"  {k}: {v}"
-            return
-    if path.is_dir() or path.suffix in (".safetensors", *_WEIGHT_SUFFIXES):
-        info = weights_info(path)
-        yield f"{path}: weights, {info['parameters'] / 1e6:.1f} M parameters, {info['dtype']}"
-        for k, v in info.items():  # provenance: how the weights were made, trained, scored
-            if k not in ("parameters", "dtype", "config", "format"):
-                yield f"  {k}: {v}"
-        if info.get("config"):
-            yield f"  config: {json.dumps(info['config'], sort_keys=True)}"
-        return
-    try:
-        m = media.probe(path)
-    except CvaeError as e:
-        raise CvaeError(f"{e} (cvae info describes videos, images, latents and weights)") from None
-    if m.is_image:
-        yield f"{path}: image, {m.width}x{m.height}, {m.codec}"
-        return
-    if m.frame_count is None:
-        frames = "unknown (the container states none and no packet could be read)"
-    elif m.frames_from == "packets":
-        frames = f"{m.frame_count} (counted: " + (f"the container claims {m.claimed_frames})" if m.claimed_frames
-                                                  else "the container does not state it)")
-    elif m.frames_from == "duration":
-        frames = f"about {m.frame_count} (from duration x rate)"
-    else:
-        frames = f"{m.frame_count} (as the container says)"
-    yield f"{path}: video, {m.width}x{m.height}, {m.codec}"
-    yield f"  frames: {frames}"
-    yield f"  fps: {m.fps} ({float(m.fps):.3f})" if m.fps else "  fps: unknown"
-    if m.rotation:
-        yield f"  rotation: {m.rotation} degrees (applied when read)"

@@ -1,71 +1,71 @@
-"""What the file commands share: loading the model, sorting jobs before any weights are loaded,
-running them one input at a time, and reporting each outcome."""
+"""How the file commands run: their jobs sorted before any weights are loaded, the model loaded
+once, each input run through the Tokenizer, and each outcome reported as it comes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import typer
 from rich.markup import escape
 
-from .. import interrupt
 from ..errors import CvaeError, describe
-from .options import Cut
+from .options import ModelOptions
 from .output import Output, count
 
 if TYPE_CHECKING:
-    from ..budget import Policy
-    from ..model import CausalVAE
+    from ..tokenizer import ProgressFactory, Tokenizer
+
+Job = tuple[Path, Path]  # (input, output)
+Shape = tuple[int, int, bool, "int | None"]  # (width, height, is an image, frames): what a cut depends on
+VERBS = {"encode": "encoding", "decode": "decoding", "reconstruct": "reconstructing"}
 
 
 @dataclass
-class Engine:
-    """What encode, decode and reconstruct share: the loaded model and how each input is cut
-    (`options`, a `budget.Policy`: the cut asked for, or the largest that fits the memory budget)."""
+class Work:
+    """One file command's jobs, as `run_files` needs them. `direction` (encode, decode,
+    reconstruct) names whose peak the memory budget holds; `shape(src)` is what --dry-run shows
+    the cut of; `run(tokenizer, pending, progress)` yields (index in pending, outcome)."""
 
-    model: CausalVAE
-    cut: Cut
-    options: Policy
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-
-def load_engine(out: Output, weights: str | None, device: str, dtype: str, norm: str | None, fast: bool, compile: bool,
-                cut: Cut, local_rank: int | None = None, direction: str = "reconstruct") -> Engine:
-    """The model through `Tokenizer.load` (the one loading policy: default weights, device, dtype,
-    speed levers, the budget's cut), with what it chose or warns of said. `direction` (encode,
-    decode or reconstruct) says whose peak the budget must hold."""
-    from ..tokenizer import Tokenizer
-
-    tok = Tokenizer.load(weights, device, dtype, norm, fast, compile, cut.mode, cut.chunk, cut.tile, cut.budget,
-                         local_rank=local_rank, direction=direction, on_warning=out.warn)
-    for note in tok.notes:
-        out.info(escape(f"note: {note}"))
-    interrupt.check()  # loading takes a while: a Ctrl-C during it stops here
-    return Engine(tok.model, cut, tok.policy)
+    direction: str
+    jobs: list[Job]
+    shape: Callable[[Path], Shape]
+    run: Callable[[Tokenizer, list[Job], ProgressFactory], Iterable[tuple[int, object]]]
+    refused: list[Path] = field(default_factory=list)  # inputs that failed before any job (unreadable)
+    norm: str | None = None  # the GroupNorm to run where --norm is not given (decode: the latents')
+    on_result: Callable[[Path, object], None] | None = None
 
 
-def show_cuts(out: Output, engine: Engine, pending: list[Job],
-              size: Callable[[Path], tuple[int, int, bool, int | None]]) -> list[Path]:
+def run_files(out: Output, work: Work, model: ModelOptions, overwrite: bool, dry_run: bool = False) -> None:
+    """Sort the jobs (`triage`), load the model once if any is left, and run them (or, with
+    `dry_run`, show each one's cut); exit 1 if any input failed."""
+    todo = triage(out, work.jobs, overwrite, dry_run, failed=work.refused)
+    outcomes: Iterable = ()
+    if todo.pending:
+        tok = model.load(out, work.direction, norm=work.norm)
+        if dry_run:
+            todo.failed += show_cuts(out, tok, todo.pending, work.shape)
+        else:
+            verb = VERBS[work.direction]
+            outcomes = work.run(tok, todo.pending, lambda name, total: out.progress(f"{verb} {name}", total))
+    if dry_run:
+        raise typer.Exit(1 if todo.failed else 0)
+    report(out, len(work.jobs) + len(work.refused), todo, outcomes, work.on_result)
+
+
+def show_cuts(out: Output, tok: Tokenizer, pending: list[Job], shape: Callable[[Path], Shape]) -> list[Path]:
     """--dry-run: the cut each input gets and its counted peak, or why it will not fit (those
     inputs are returned)."""
     failed = []
     for src, _ in pending:
         try:
-            width, height, image, frames = size(src)
-            choice = engine.options.choice(width, height, image, frames)
+            width, height, image, frames = shape(src)
+            choice = tok.policy.choice(width, height, image, frames)
             out.info(escape(f"{src}: {width}x{height}, {choice.describe()}"))
         except CvaeError as e:
             out.error(f"{src}: {e}")
             failed.append(src)
     return failed
-
-
-
-Job = tuple[Path, Path]  # (input, output)
 
 
 @dataclass
@@ -132,26 +132,3 @@ def report(out: Output, inputs: int, jobs: Triage, outcomes: Iterable[tuple[int,
             for src in failures:
                 out.error(escape(f"failed: {src}"))
         raise typer.Exit(1)
-
-
-def one_by_one(out: Output, engine: Engine, pending: list[Job], verb: str, open_input: Callable[[Path], ContextManager],
-               total: Callable[[object], int | None],
-               run: Callable[[object, Path, object, Callable[[int], None]], object]) -> Iterator[tuple[int, object]]:
-    """(index, outcome) of each job, in order, its input opened once (`open_input`) and run with the
-    engine's cut (`run(item, dst, options, advance)`), once more with a smaller cut if it runs out
-    of memory; a failure of one input is its outcome (`tokenizer.per_input`), any other failure
-    ends the run."""
-    from ..tokenizer import attempt
-
-    for k, (src, dst) in enumerate(pending):
-        interrupt.check()  # between inputs
-        try:
-            opened = open_input(src)
-        except CvaeError as e:
-            yield k, e
-            continue
-        with opened as item, out.progress(f"{verb} {src.name}", total(item)) as advance:
-            tries = iter([item, src])  # a retry after running out of memory reads the input afresh
-            outcome = attempt(lambda options: [run(next(tries), dst, options, advance)], 1, engine.options, str(src),
-                              engine.device, out.warn)[0]
-        yield k, outcome

@@ -1,17 +1,27 @@
-"""Option types shared by the commands (declared once), and parsing them into library values."""
+"""Option types shared by the commands (declared once); the option groups several commands take
+(`Outputs`, `ModelOptions`, `SelectOptions`), each a dataclass that `grouped` spreads into a
+command's options; and parsing them into library values, refusing what means nothing before any
+output is looked at or any weights are loaded."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import inspect
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
+from rich.markup import escape
 
+from .. import interrupt
 from ..errors import CvaeError
 from .output import Output
 
 if TYPE_CHECKING:
-    from ..tokenizer import Selection
+    from ..tokenizer import Cut, Selection, Tokenizer
 
 
 Inputs = Annotated[List[str], typer.Argument(help="Input files (globs allowed).", show_default=False)]
@@ -56,33 +66,6 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1,
 Crf = Annotated[int, typer.Option("--crf", help="Video quality: H.264 0 (lossless) .. 51, VP9 0 .. 63; "
                                                "18 looks lossless.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="List what would be done (and what is missing), and stop.")]
-
-
-@dataclass(frozen=True)
-class Cut:
-    """How the user asked videos to be cut for the model (`auto` fields are chosen per size)."""
-
-    mode: str = "auto"
-    chunk: int | None = None
-    tile: int | str | None = "auto"
-    budget: int | None = None  # bytes; None: what the device has free (`budget.default_budget`)
-
-    @classmethod
-    def parse(cls, mode: str, chunk: str, tile: str, memory_budget: str = "auto") -> Cut:
-        from ..budget import parse_size
-        from ..stream import MODES, StreamOptions
-
-        if mode not in ("auto", *MODES):
-            raise CvaeError(f"--mode {mode}: use auto, {', '.join(MODES)}")
-        cut = cls(mode, None if chunk == "auto" else _int(chunk, "--chunk"),
-                  tile if tile == "auto" else None if tile == "off" else _int(tile, "--tile"),
-                  None if memory_budget == "auto" else parse_size(memory_budget))
-        try:  # refuse a bad --chunk or --tile now, not after loading the weights
-            StreamOptions(chunk=cut.chunk or 16, tile=cut.tile if isinstance(cut.tile, int) else None)
-        except ValueError as e:
-            raise CvaeError(str(e)) from None
-        return cut
-
 
 
 def _int(text: str, option: str) -> int:
@@ -138,14 +121,115 @@ def check_crf(crf: int, output: Path | None) -> None:
         raise CvaeError(f"--crf {crf}: {name} takes 0 (lossless) to {top}; 18 looks lossless")
 
 
-def check_placement(device: str, dtype: str, out: Output) -> None:
-    """Refuse a device or dtype that cannot work now, whether or not any output exists yet, and warn
-    of a slow one: float16 on a CPU runs about 20x slower than float32 (no fast fp16 kernels)."""
-    import torch
+# --- option groups ---------------------------------------------------------------------------------
 
-    from ..device import resolve
+def grouped(fn):
+    """Let a command take an option group (a dataclass whose fields are option types) as one
+    parameter: Typer sees the group's fields as the command's options, in its place, and the
+    command gets the group built from them. A group is so declared once for every command."""
+    signature = inspect.signature(fn, eval_str=True)
+    params, groups = [], {}
+    for p in signature.parameters.values():
+        if dataclasses.is_dataclass(p.annotation):
+            groups[p.name] = p.annotation
+            hints = typing.get_type_hints(p.annotation, include_extras=True)
+            params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_in_panel(
+                hints[f.name], p.annotation.PANEL), default=f.default) for f in dataclasses.fields(p.annotation)]
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
 
-    place, dt = resolve(device, dtype)
-    if place.type == "cpu" and dt == torch.float16:
-        out.warn("--dtype fp16 on the CPU is about 20x slower than fp32 (the CPU has no fast fp16 kernels); "
-                 "leave --dtype auto")
+    @functools.wraps(fn)
+    def command(**kwargs):
+        for name, group in groups.items():
+            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)})
+        return fn(**kwargs)
+
+    command.__signature__ = signature.replace(parameters=params)
+    command.__annotations__ = {}
+    return command
+
+
+def _in_panel(option, panel: str):
+    """The option type, shown in `--help` under its group's heading."""
+    base, info = typing.get_args(option)
+    info = copy.copy(info)
+    info.rich_help_panel = panel
+    return Annotated[base, info]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a file command writes, and whether it may replace what is there."""
+
+    PANEL = "Outputs"
+
+    output: OutFile = None
+    out_dir: OutDir = None
+    overwrite: Overwrite = False
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which weights, where, in what precision, how fast, and how inputs are cut: what every command
+    that runs the model takes. A cut, device or dtype that cannot work is refused on parsing."""
+
+    PANEL = "Model"
+
+    weights: Weights = None
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    mode: Mode = "auto"
+    chunk: Chunk = "auto"
+    tile: Tile = "auto"
+    memory_budget: MemoryBudget = "auto"
+    norm: Norm = None
+    fast: Fast = False
+    compile: Compile = False
+
+    def __post_init__(self):
+        from ..device import resolve
+
+        self.cut()
+        resolve(self.device, self.dtype)
+
+    def cut(self) -> Cut:
+        from ..budget import parse_size
+        from ..tokenizer import Cut
+
+        tile = self.tile if self.tile == "auto" else None if self.tile == "off" else _int(self.tile, "--tile")
+        return Cut(self.mode, None if self.chunk == "auto" else _int(self.chunk, "--chunk"), tile,
+                   None if self.memory_budget == "auto" else parse_size(self.memory_budget))
+
+    def load(self, out: Output, direction: str, *, local_rank: int | None = None,
+             norm: str | None = None) -> Tokenizer:
+        """The Tokenizer (`norm` where --norm is not given), with what loading chose or warns of
+        said; `direction` (encode, decode, reconstruct): whose peak the memory budget holds."""
+        from ..tokenizer import Tokenizer
+
+        cut = self.cut()
+        tok = Tokenizer.load(self.weights, self.device, self.dtype, self.norm or norm, self.fast, self.compile,
+                             cut.mode, cut.chunk, cut.tile, cut.memory_budget, local_rank=local_rank,
+                             direction=direction, on_warning=out.warn)
+        for note in tok.notes:
+            out.info(escape(f"note: {note}"))
+        interrupt.check()  # loading takes a while: a Ctrl-C during it stops here
+        return tok
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """Which frames of each input, at what rate and size."""
+
+    PANEL = "Frames"
+
+    frames: Frames = None
+    fps: Fps = None
+    size: Size = None
+    max_side: MaxSide = None
+    allow_partial: AllowPartial = False
+
+    def __post_init__(self):
+        self.selection()
+
+    def selection(self) -> Selection:
+        return selection(self.frames, self.fps, self.size, self.max_side, self.allow_partial)
