@@ -140,18 +140,20 @@ class _Replay:
 
     @staticmethod
     def _signature(v):
+        """Shapes, strides and dtypes, and whether each tensor owns its storage: a cache that is a
+        view of a larger tensor frees nothing when the step replaces it, one that owns it does."""
         if isinstance(v, torch.Tensor):
-            return (tuple(v.shape), v.stride(), v.dtype)
+            return (tuple(v.shape), v.stride(), v.dtype, _nbytes(v) == v.untyped_storage().nbytes())
         return tuple(map(_Replay._signature, v)) if isinstance(v, (tuple, list)) else v
 
     def __call__(self, x: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
         state = None if cache is None else tuple(sorted((k, self._signature(v)) for k, v in cache.state.items()))
-        key = (self._signature(x), x.is_contiguous(), _nbytes(x) == x.untyped_storage().nbytes(), state,
+        key = (self._signature(x), x.is_contiguous(), state,
                None if cache is None else cache.final)
         c = self.counter
         if key in self.seen:
             return self._replay(x, cache, *self.seen[key])
-        before, peak = c.live, c.peak
+        before, peak, alive = c.live, c.peak, set(c.sizes)
         c.peak = c.live
         y = self.step(x, cache)
         delta, c.peak = c.peak - before, max(peak, c.peak)
@@ -159,7 +161,11 @@ class _Replay:
         storages = [t.untyped_storage()._cdata for t in [y, *_leaves(list(new.values()))]]
         if len(set(storages)) == len(storages) and all(
                 _nbytes(t) == t.untyped_storage().nbytes() for t in [y, *_leaves(list(new.values()))]):
-            self.seen[key] = (delta, c.live - before, self._template(y), {k: self._template(v) for k, v in new.items()})
+            # what the first step of a shape makes once and keeps (e.g. a 3-D kernel's summed 2-D
+            # taps for a one-frame step): alive before any replay, so not the replay's to add
+            kept = sum(size for k, size in c.sizes.items() if k not in alive and k not in storages)
+            self.seen[key] = (delta - kept, c.live - before - kept, self._template(y),
+                              {k: self._template(v) for k, v in new.items()})
         return y
 
     @staticmethod

@@ -50,6 +50,22 @@ def test_a_replayed_tile_counts_what_running_every_tile_does(options):
         assert replayed == full, (direction, replayed, full)
 
 
+@pytest.mark.parametrize("norm", ["clip", "frame"])
+def test_a_photos_replayed_tiles_count_what_running_every_tile_does(norm):
+    """The first one-frame step of a shape leaves storages alive that later steps share: a replay
+    must neither add them again nor fail on their absence (with the built-in model, a clip-norm
+    photo cut in 1024-pixel tiles failed its count: "replayed step changed live bytes")."""
+    from cvae_cli.checkpoints import load_model
+
+    config = load_model(REPO / "weights" / "cvae-small.safetensors", norm=norm, device="meta").config
+    options = StreamOptions(mode="window", tile=1024)
+    replayed = count_steps(budget.meta_model(config, torch.float32, Levers()), "decode", 1100, 1024, options,
+                           image=True)[0]
+    full = count_steps(budget.meta_model(config, torch.float32, Levers()), "decode", 1100, 1024, options,
+                       image=True, replay=False)[0]
+    assert replayed == full
+
+
 @pytest.mark.parametrize("fields, direction, sizes", [(FRAME_NORM, "encode", [(136, 104)]),
                                                       ({}, "reconstruct", [(200, 136), (136, 200)])],
                          ids=["frame norm", "clip norm"])
