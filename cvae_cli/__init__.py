@@ -16,8 +16,8 @@ _LAZY = {
     "LatentFile": "latents", "LatentMeta": "latents", "LatentWriter": "latents",
     "StreamOptions": "stream", "choose_options": "stream", "encode_frames": "stream", "decode_latents": "stream",
     "open_media": "media", "MediaFile": "media", "MediaInfo": "media",
-    "Tokenizer": "tokenizer", "Selection": "tokenizer",
-    "encode_file": "tokenizer", "encode_many": "tokenizer", "decode_file": "tokenizer", "reconstruct_file": "tokenizer",
+    "Tokenizer": "tokenizer", "Selection": "selection",
+    "encode_file": "convert", "encode_many": "convert", "decode_file": "convert", "reconstruct_file": "convert",
     "read_manifest": "dataset", "DatasetJob": "dataset", "Dist": "distributed",
     "psnr": "metrics", "ssim": "metrics", "LatentDataset": "loader",
 }

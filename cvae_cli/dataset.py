@@ -17,7 +17,7 @@ deterministic and balanced by frame count. Frame counts come from the container
 (`samples.video_length`); a file whose length nothing tells is estimated from its size at the
 mean bytes-per-frame of the others.
 
-A sample that fails on its own (`tokenizer.per_input`: unreadable, truncated, out of memory) is
+A sample that fails on its own (`convert.per_input`: unreadable, truncated, out of memory) is
 appended, as it happens, to `OUT/.cvae/failures.rank-R.jsonl` (so an interrupted run leaves a
 record) and the run goes on; any other failure ends the run (and, through `Dist.session`, every
 rank). Rows or clips too short for `--clip-frames` are left out and listed in `OUT/skipped.jsonl`.
@@ -48,7 +48,8 @@ from .manifest import SUFFIX, Clip, mirror, read_manifest  # noqa: F401 (public 
 from .outputs import refuse_unsafe
 from .samples import ClipReaders, Cutting, Left, Sample, check_keys, row_samples
 from .shards import FORMAT as SHARDS_FORMAT
-from .tokenizer import Options, ProgressFactory, Selection, encode_many
+from .convert import Options, ProgressFactory, encode_many
+from .selection import Selection
 
 RUN_DIR = ".cvae"  # per-rank live failure logs, under out_dir
 _DEFAULT_BYTES_PER_FRAME = 20_000  # only when no clip of the manifest says how long it is
@@ -325,7 +326,7 @@ def run_plan(model, plan: Plan, options: Options, select: Selection = Selection(
              progress: ProgressFactory | None = None) -> Outcome:
     """Encode this rank's share of `plan`, `batch_size` samples of one model size at a time, into
     per-file outputs or (`plan.shards`) this rank's shards. A sample that fails on its own is
-    recorded and the run goes on (`tokenizer.per_input`); anything else raises."""
+    recorded and the run goes on (`convert.per_input`); anything else raises."""
     from .checkpoints import model_id
     from .shards import ShardWriter
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 from .errors import CvaeError
 
 if TYPE_CHECKING:
-    from .tokenizer import Selection
+    from .selection import Selection
 
 SUFFIX = ".safetensors"
 FIELDS = ("path", "start", "end", "fps", "size", "output")  # the columns cvae itself reads
@@ -40,7 +40,7 @@ class Clip:
     def selection(self, base: Selection | None = None) -> Selection:
         """`base` (the command line's options) with this row's own fields on top."""
         if base is None:
-            from .tokenizer import Selection
+            from .selection import Selection
             base = Selection()
         given = {k: getattr(self, k) for k in ("start", "end", "fps", "size") if getattr(self, k) is not None}
         return replace(base, **given)

@@ -6,7 +6,7 @@ chosen by the row and the command line as always. With `--clip-frames N` (1 + 4k
 inside the row's range (frames counted after `--fps` resampling; a shorter tail is left out); each
 clip is encoded as a clip of its own, exactly as `cvae encode --frames s:s+N` encodes it. A photo
 is one sample. With `--buckets`, each sample goes to the bucket nearest its aspect ratio, resized
-to cover it and centre-cropped (`tokenizer.Selection.bucket`, done while the frames are resized).
+to cover it and centre-cropped (`selection.Selection.bucket`, done while the frames are resized).
 
 Keys name samples in shards (`KEY.safetensors`, `KEY.json`): the sample's per-file output path
 without its suffix, `/` and every character outside [A-Za-z0-9_-] made `_`. They are stable (the
@@ -26,7 +26,7 @@ from typing import Sequence
 from . import media
 from .errors import CvaeError
 from .manifest import SUFFIX, Clip
-from .tokenizer import Selection
+from .selection import Selection
 
 # Presets: about this many pixels per frame, at the aspect ratios video trainers bucket by.
 PRESETS = {"256px": 256 * 256, "512px": 512 * 512, "720p": 1280 * 720}
@@ -281,7 +281,7 @@ class _SharedVideo:
 
 
 class _ClipView(media.MediaFile):
-    """One clip of a shared decode, as an opened input (`tokenizer.encode_files` reads it like a file)."""
+    """One clip of a shared decode, as an opened input (`convert.encode_files` reads it like a file)."""
 
     def __init__(self, shared: _SharedVideo, view: int, start: int, end: int, on_close):
         self.path, self.info = shared.file.path, shared.info
@@ -316,7 +316,7 @@ class _ClipView(media.MediaFile):
 
 
 class ClipReaders:
-    """Openers for the clips of this rank's samples (`tokenizer.encode_many` inputs) such that each
+    """Openers for the clips of this rank's samples (`convert.encode_many` inputs) such that each
     video is decoded once for all its clips, instead of once per clip from its start (which costs
     length x clips). Give the samples in the order they will be opened; a video's decode ends
     when its last clip closes. Each clip gets exactly the frames `--frames s:s+N` would read."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvae_cli import interrupt, media, tokenizer, stream  # noqa: E402
+from cvae_cli import convert, interrupt, media, stream  # noqa: E402
 from cvae_cli.cli import app  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def fail(rank: int) -> None:
         def broken(*args, **kwargs):
             raise RuntimeError("injected failure")
 
-        tokenizer.encode_files = broken
+        convert.encode_files = broken
 
 
 def oom(width: int) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cvae_cli import media, tokenizer
+from cvae_cli import convert, media, prefetch
 from torch._dynamo.utils import counters
 
 from cvae_cli.accel import speed_up
@@ -189,7 +189,7 @@ def test_batched_clips_equal_one_by_one(norm, tile):
 
 
 def test_background_keeps_order_raises_the_producers_error_and_stops_early():
-    assert list(tokenizer.background(iter(range(50)), 3)) == list(range(50))
+    assert list(prefetch.background(iter(range(50)), 3)) == list(range(50))
 
     def failing():
         yield from range(3)
@@ -197,7 +197,7 @@ def test_background_keeps_order_raises_the_producers_error_and_stops_early():
 
     got = []
     with pytest.raises(CvaeError, match="broken at frame 3"):
-        for item in tokenizer.background(failing(), 2):
+        for item in prefetch.background(failing(), 2):
             got.append(item)
     assert got == [0, 1, 2]
     closed = []
@@ -211,7 +211,7 @@ def test_background_keeps_order_raises_the_producers_error_and_stops_early():
         finally:
             closed.append(True)
 
-    for item in tokenizer.background(endless(), 2):
+    for item in prefetch.background(endless(), 2):
         if item == 5:
             break
     assert closed == [True]  # the producer thread was stopped and its generator closed, no deadlock
@@ -224,8 +224,8 @@ def test_threaded_pipeline_equals_inline_and_surfaces_reader_errors(tmp_path, mo
             writer.write(frame)
     opts = StreamOptions(chunk=4)
     for depth in (0, 2):
-        tokenizer.encode_file(model, src, tmp_path / f"z{depth}.safetensors", opts, prefetch=depth)
-        tokenizer.decode_file(model, tmp_path / f"z{depth}.safetensors", tmp_path / f"o{depth}.mp4", opts,
+        convert.encode_file(model, src, tmp_path / f"z{depth}.safetensors", opts, prefetch=depth)
+        convert.decode_file(model, tmp_path / f"z{depth}.safetensors", tmp_path / f"o{depth}.mp4", opts,
                              prefetch=depth)
     assert torch.equal(LatentFile.open(tmp_path / "z0.safetensors").read(),
                        LatentFile.open(tmp_path / "z2.safetensors").read())
@@ -243,5 +243,5 @@ def test_threaded_pipeline_equals_inline_and_surfaces_reader_errors(tmp_path, mo
     before = sorted(p.name for p in tmp_path.iterdir())
     for depth in (0, 2):
         with pytest.raises(CvaeError, match="corrupt packet"):
-            tokenizer.encode_file(model, src, tmp_path / "bad.safetensors", opts, prefetch=depth)
+            convert.encode_file(model, src, tmp_path / "bad.safetensors", opts, prefetch=depth)
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary file

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cvae_cli import media, tokenizer
+from cvae_cli import convert, media
 from cvae_cli.checkpoints import save_model
 from cvae_cli.cli import app
 from cvae_cli.latents import LatentFile
@@ -122,8 +122,8 @@ def test_auto_keeps_whole_frames_that_fit_the_budget(tmp_path, weights, monkeypa
     and decoding alike (tiles where they do not: tests/test_budget.py); a tile asked for is used."""
     cuts = []
     for name in ("encode_batch", "decode_latents"):
-        real = getattr(tokenizer, name)
-        monkeypatch.setattr(tokenizer, name, lambda model, items, options, *a, real=real: cuts.append(options.tile)
+        real = getattr(convert, name)
+        monkeypatch.setattr(convert, name, lambda model, items, options, *a, real=real: cuts.append(options.tile)
                             or real(model, items, options, *a))
     make_video(tmp_path / "v.mp4", frames=5)
     media.write_image(tmp_path / "p.png", np.full((70, 94, 3), 90, np.uint8))
@@ -138,8 +138,8 @@ def test_auto_keeps_whole_frames_that_fit_the_budget(tmp_path, weights, monkeypa
 
 def test_batched_encode_equals_one_by_one_and_isolates_a_broken_input(tmp_path, weights, monkeypatch):
     batches = []
-    real = tokenizer.encode_batch
-    monkeypatch.setattr(tokenizer, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
+    real = convert.encode_batch
+    monkeypatch.setattr(convert, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
     for i, n in enumerate((5, 13, 9)):
         make_video(tmp_path / f"v{i}.mp4", frames=n, seed=i)
     make_video(tmp_path / "small.mp4", frames=5, width=64, height=48)  # another size: a batch of its own
@@ -366,7 +366,7 @@ def test_bad_weights_are_one_line_errors(tmp_path, weights):
 
 def test_unexpected_failures_are_one_line_too(tmp_path, weights, monkeypatch):
     media.write_image(tmp_path / "img.png", np.zeros((16, 16, 3), np.uint8))
-    monkeypatch.setattr("cvae_cli.tokenizer.encode_files", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
+    monkeypatch.setattr("cvae_cli.convert.encode_files", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
     r = cvae("encode", tmp_path / "img.png", "-w", weights)
     assert_one_line_error(r, "RuntimeError: boom", "CVAE_DEBUG")
     assert r.exit_code == 2
@@ -707,7 +707,7 @@ def test_scoring_that_fails_keeps_the_written_output(tmp_path, weights, monkeypa
     def out_of_memory(*_):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 26902481760 bytes")
 
-    monkeypatch.setattr(tokenizer.FrameMetrics, "add", out_of_memory)
+    monkeypatch.setattr(convert.FrameMetrics, "add", out_of_memory)
     photo = real_photo(tmp_path)
     r = cvae("reconstruct", photo, "-o", tmp_path / "out.png", "-w", weights, "--metrics-json", tmp_path / "m.json")
     assert r.exit_code == 0, r.output
@@ -716,7 +716,7 @@ def test_scoring_that_fails_keeps_the_written_output(tmp_path, weights, monkeypa
 
 
 def test_no_metrics_writes_the_reconstruction_only(tmp_path, weights, monkeypatch):
-    monkeypatch.setattr(tokenizer.FrameMetrics, "add", lambda *_: pytest.fail("scored with --no-metrics"))
+    monkeypatch.setattr(convert.FrameMetrics, "add", lambda *_: pytest.fail("scored with --no-metrics"))
     photo = real_photo(tmp_path)
     r = cvae("reconstruct", photo, "-o", tmp_path / "out.png", "-w", weights, "--no-metrics")
     assert r.exit_code == 0 and "PSNR" not in r.output and (tmp_path / "out.png").exists(), r.output

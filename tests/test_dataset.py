@@ -132,11 +132,11 @@ def test_jsonl_manifest_per_clip_selection_dry_run_and_skip(tmp_path, weights):
 
 
 def test_batched_manifest_run_equals_one_by_one(tmp_path, videos, weights, monkeypatch):
-    from cvae_cli import tokenizer
+    from cvae_cli import convert
 
     batches = []
-    real = tokenizer.encode_batch
-    monkeypatch.setattr(tokenizer, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
+    real = convert.encode_batch
+    monkeypatch.setattr(convert, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
     common = ["encode", "--manifest", videos / "list.txt", "-w", weights, "--device", "cpu", "--chunk", "4"]
     for folder, extra in (("one", []), ("four", ["--batch-size", "4"])):
         r = runner.invoke(app, [str(a) for a in common + ["--out-dir", tmp_path / folder] + extra])

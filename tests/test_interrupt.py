@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cvae_cli import interrupt, tokenizer
+from cvae_cli import interrupt, prefetch
 from cvae_cli.stream import StreamOptions, Tiler, encode_frames
 from conftest import FRAME_NORM, REPO, cvae_process, make_video, random_model, wait_for
 
@@ -53,7 +53,7 @@ def test_background_thread_ends_with_its_consumer():
         release.wait(5)  # a long step (a model call) that a stop cannot cut short
         yield 1
 
-    items = tokenizer.background(slow(), 1)
+    items = prefetch.background(slow(), 1)
     assert next(items) == 0
     started.wait(5)
     interrupt.request("interrupted (SIGINT)")

@@ -67,15 +67,15 @@ def sharded(tmp_path_factory, data, weights, ) -> Path:
 
 
 def test_a_sample_is_the_latent_file_encode_writes_and_its_row(sharded, data, weights, tmp_path, monkeypatch):
-    from cvae_cli import tokenizer
+    from cvae_cli import convert
 
     assert [p.name for p in shards.shard_files(sharded)] == [f"shard-00000-00000{n}.tar" for n in range(3)]
     got = samples(sharded)
     assert [k for k, _, _ in got] == KEYS
     # the same samples as files, batched the same way: a shard member is that file, byte for byte
     batches = []
-    real = tokenizer.encode_batch
-    monkeypatch.setattr(tokenizer, "encode_batch",
+    real = convert.encode_batch
+    monkeypatch.setattr(convert, "encode_batch",
                         lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
     r = runner.invoke(app, args(data, tmp_path / "files", weights, "--buckets", "32x32,48x32,32x48", "--batch-size", 2))
     assert r.exit_code == 0, r.output

@@ -16,7 +16,8 @@ import torch
 from cvae_cli import media, stream
 from cvae_cli.checkpoints import builtin_weights, default_weights, load_model
 from cvae_cli.metrics import psnr
-from cvae_cli.tokenizer import Selection, decode_file, encode_file, reconstruct_file
+from cvae_cli.convert import decode_file, encode_file, reconstruct_file
+from cvae_cli.selection import Selection
 from cvae_cli.stream import StreamOptions, decode_latents, encode_frames
 
 REPO = Path(__file__).resolve().parents[1]

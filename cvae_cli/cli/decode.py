@@ -57,7 +57,8 @@ def decode_work(out: Output, paths: list[Path], files: Outputs, crf: int, force:
     """The latents opened once (their metadata names the outputs, the jobs decode from them); an
     unreadable one is reported now, and still never written over."""
     from ..latents import LatentFile
-    from ..tokenizer import check_output_kind, recorded_norm
+    from ..convert import check_output_kind
+    from ..tokenizer import recorded_norm
 
     latents: dict[Path, LatentFile] = {}
     refused = []

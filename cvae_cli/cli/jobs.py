@@ -14,7 +14,8 @@ from .options import ModelOptions
 from .output import Output, count
 
 if TYPE_CHECKING:
-    from ..tokenizer import ProgressFactory, Tokenizer
+    from ..convert import ProgressFactory
+    from ..tokenizer import Tokenizer
 
 Job = tuple[Path, Path]  # (input, output)
 Shape = tuple[int, int, bool, "int | None"]  # (width, height, is an image, frames): what a cut depends on

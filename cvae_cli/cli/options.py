@@ -21,7 +21,8 @@ from ..errors import CvaeError
 from .output import Output
 
 if TYPE_CHECKING:
-    from ..tokenizer import Cut, Selection, Tokenizer
+    from ..selection import Selection
+    from ..tokenizer import Cut, Tokenizer
 
 
 Inputs = Annotated[List[str], typer.Argument(help="Input files (globs allowed).", show_default=False)]
@@ -79,7 +80,7 @@ def selection(frames: str | None, fps: float | None, size: str | None, max_side:
               allow_partial: bool) -> Selection:
     """The frames, rate and size asked for; values that select nothing or mean nothing are refused
     here, in one line, before any output is looked at or any weights are loaded."""
-    from ..tokenizer import Selection
+    from ..selection import Selection
 
     start, end = 0, None
     if frames:
