@@ -194,7 +194,7 @@ class Tiler:
         if len(boxes) == 1:
             return self._step(step, x, (0, 0), final)
         places, ramps, pairs = self._geometry(h, w, x.device)
-        means: dict[tuple[int, int], torch.Tensor] = {}  # (tile, pair): the tile's mean over the pair's overlap
+        means = None  # (pair, its first or second tile, B, C, T): each tile's mean over each of its overlaps
         out = weight = None
         for i, ((y0, y1), (x0, x1)) in enumerate(boxes):
             interrupt.check()  # a tile can take seconds: stop between them when asked
@@ -202,12 +202,13 @@ class Tiler:
             if out is None:  # blended in float32: bf16 weights that should sum to 1 do not
                 out = y.new_zeros(*y.shape[:3], round(h * self.scale), round(w * self.scale), dtype=torch.float32)
                 weight = out.new_zeros(out.shape[-2:])
+                means = out.new_zeros(len(pairs), 2, *y.shape[:3])  # one block: no small tensor per tile stays
             oy, ox, hh, ww = places[i][:4]
             assert y.shape[-2:] == (hh, ww), (y.shape, places[i])
             for k in places[i][4]:
                 (sy, sx), both = pairs[k][2:4]
                 sub = (..., slice(sy.start - oy, sy.stop - oy), slice(sx.start - ox, sx.stop - ox))
-                means[i, k] = torch.einsum("bcthw,hw->bct", y[sub].float(), both)
+                means[k, int(i != pairs[k][0])] = torch.einsum("bcthw,hw->bct", y[sub].float(), both)
             out[..., oy:oy + hh, ox:ox + ww].addcmul_(y.float(), ramps[i])  # float32 throughout: no mixed-dtype kernel
             weight[oy:oy + hh, ox:ox + ww] += ramps[i]
         if pairs and out.shape[2]:  # the blend is linear: each tile's constant added now, weighted
@@ -251,7 +252,9 @@ class Tiler:
                      sy.stop - sy.start, sx.stop - sx.start)
             if local not in both_of:
                 ra, rb = ramp_of[local[0]], ramp_of[local[1]]
-                both = ra[local[2]:local[2] + local[6], local[3]:local[3] + local[7]] * rb[local[4]:local[4] + local[6], local[5]:local[5] + local[7]]
+                rows, cols = local[6], local[7]
+                both = (ra[local[2]:local[2] + rows, local[3]:local[3] + cols]
+                        * rb[local[4]:local[4] + rows, local[5]:local[5] + cols])
                 total = float(both.sum())
                 both_of[local] = ((both / total).to(device) if total > 0 else None, total)
             both, total = both_of[local]
@@ -265,18 +268,18 @@ class Tiler:
         return geometry
 
     @staticmethod
-    def _offsets(places: list, pairs: list, means: dict) -> torch.Tensor:
+    def _offsets(places: list, pairs: list, means: torch.Tensor) -> torch.Tensor:
         """(tiles, B, C, T): per tile, sample, channel and frame, the constant that, added to the tile,
         makes the tiles agree best over all their overlaps (least squares, each overlap weighed by
         its size), the frame's weighted mean unchanged.
 
         Besides the tiles' constants, one difference per direction (left-right, top-bottom and the
         two diagonals) is fitted and left alone: what the model does to every tile's sides alike
-        (the built-in model's tiles come out some 20 levels brighter at their bottom than the tile
-        below at its top), which constants per tile could only absorb as a gradient across the whole
-        frame. Solved by conjugate gradients on the normal equations: a few index-adds per
+        (where two of the built-in model's tiles overlap one above the other, the lower one comes out
+        some 20 levels brighter), which constants per tile could only absorb as a gradient across
+        the whole frame. Solved by conjugate gradients on the normal equations: a few index-adds per
         iteration over the pairs, no matrix."""
-        some = means[pairs[0][0], 0]
+        some = means[0, 0]
         if some.device.type == "meta":  # counting memory: shapes only
             return some.new_zeros(len(places), *some.shape)
         n = len(places)
@@ -288,7 +291,7 @@ class Tiler:
         c = torch.tensor([side[min(max(places[q][0] - places[p][0], -1), 1),
                                min(max(places[q][1] - places[p][1], -1), 1)] for p, q, *_ in pairs])
         size = torch.tensor([p[4] for p in pairs], dtype=torch.float64)[:, None]
-        d = torch.stack([means[p[0], k] - means[p[1], k] for k, p in enumerate(pairs)]).flatten(1).cpu().double()
+        d = (means[:, 0] - means[:, 1]).flatten(1).cpu().double()
 
         def normal(e: torch.Tensor) -> torch.Tensor:  # A^T W e: each pair's weighted misfit to its tiles and side
             e = size * e
