@@ -259,7 +259,8 @@ def count_steps(model: CausalVAE, direction: str, width: int, height: int, optio
         if direction == "encode":
             step, tiler = encode_step(model), Tiler(options.tile, 1 / fs, streaming)
         else:
-            step, tiler = decode_step(model), Tiler(options.tile and options.tile // fs, fs, streaming)
+            step, tiler = decode_step(model), Tiler(options.tile and options.tile // fs, fs, streaming,
+                                                    match=options.match_tiles)
         step = _Replay(counter, step) if replay else step
         for length, final in _time_groups(options, ft, latent, frames, image):
             if latent:

@@ -1,6 +1,7 @@
 """Chunked inference against whole-clip inference, tiling, and memory that ignores video length."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -205,19 +206,76 @@ def test_the_tile_blend_adds_no_seam_to_a_real_photo():
         1 / 8: (lambda t, cache: F.avg_pool3d(t, (1, 8, 8))),
         8.0: (lambda t, cache: t.repeat_interleave(8, -1).repeat_interleave(8, -2)),
     }
-    for scale, step in steps.items():
+    for (scale, step), match in itertools.product(steps.items(), (False, True)):
         src = x if scale <= 1 else F.avg_pool3d(x, (1, 8, 8))
         tile = 128 if scale <= 1 else 16
         whole = step(src, None)
-        tiled = Tiler(tile, scale, streaming=False).run(step, src, final=True)
+        tiled = Tiler(tile, scale, streaming=False, match=match).run(step, src, final=True)
         assert len(Tiler(tile, scale, False).spans(src.shape[-1])) > 3  # many seams
-        assert torch.allclose(tiled, whole, atol=2e-6), (scale, (tiled - whole).abs().max())
+        assert torch.allclose(tiled, whole, atol=2e-6), (scale, match, (tiled - whole).abs().max())
+
+
+def test_matched_tiles_lose_each_tiles_own_colour():
+    """A step that shifts each tile's colour by its own constant (per channel and frame, as per-tile
+    GroupNorm statistics do) leaves seams in the plain blend; matched, the result is the whole
+    frame's plus one constant per channel and frame, with no seam. The shifts here alternate from
+    tile to tile: a trend across the frame is indistinguishable from a difference between every
+    tile's two sides, which the match fits and leaves alone (`Tiler._offsets`)."""
+    from cvae_cli.stream import Tiler
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 3, 36, 60)  # two clips of three latent frames, tiled by 16: 3 x 5 tiles
+    size = torch.randn(2, 3, 3, 1, 1)  # per clip, channel and frame
+    tiler = Tiler(16, 8, streaming=False)
+    ys, xs = tiler.spans(36), tiler.spans(60)
+
+    def step(t, cache, shift=True):
+        y = t[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
+        if not shift:
+            return y
+        k = [i for i, ((y0, _), (x0, _)) in enumerate(itertools.product(ys, xs))
+             if torch.equal(t, z[..., y0:y0 + 16, x0:x0 + 16])][0]
+        return y + size * (-1) ** (k // len(xs) + k % len(xs))
+
+    assert (len(ys), len(xs)) == (3, 5)
+    whole = step(z, None, shift=False)
+    plain = tiler.run(step, z, final=True)
+    matched = Tiler(16, 8, streaming=False, match=True).run(step, z, final=True)
+    assert (plain - whole).flatten(3).std(-1).mean() > 0.1  # the plain blend keeps the tiles' colours
+    left = (matched - whole).flatten(3)
+    assert left.std(-1).max() < 1e-4, left.std(-1).max()  # one constant per channel and frame
+
+
+def test_tiled_decode_of_a_real_photo_shows_no_seam():
+    """The shipped model decoding examples/coffee.jpg in 128-pixel tiles: the PSNR of a band of 3
+    pixels either side of every inner tile edge, against the rest of the photo, falls no further
+    behind than it does for the untiled photo (the band's content alone makes it differ). Without
+    matching the tiles' colours, the seams cost the band 0.74 dB (benchmarks/README.md)."""
+    from PIL import Image
+
+    from benchmarks.seams import band_mask, psnr
+    from cvae_cli.checkpoints import builtin_weights, load_model
+
+    photo = np.array(Image.open(Path(__file__).parents[1] / "examples" / "coffee.jpg").convert("RGB"))
+    model = load_model(str(builtin_weights()))
+    h, w = photo.shape[:2]
+    band = band_mask(h, w, 128, 0.25)
+
+    def gap(tile, match=True):  # PSNR in the band less PSNR in the rest
+        opts = StreamOptions(chunk=4, tile=tile, match_tiles=match)
+        mean = torch.cat([m for m, _ in encode_frames(model, [photo], opts)], 1)
+        out = np.concatenate(list(decode_latents(model, [mean], opts, h, w)))[0]
+        return psnr(photo, out, band) - psnr(photo, out, ~band)
+
+    whole = gap(None)
+    assert gap(128, match=False) - whole < -0.5  # the seams this test is about
+    assert gap(128) - whole > -0.15
 
 
 def test_a_tile_edge_weighs_almost_nothing_where_a_neighbour_covers_it():
     from cvae_cli.stream import Tiler
 
     tiler = Tiler(128, 1.0, streaming=False)
-    ramp = tiler._ramp(torch.zeros(1, 1, 1, 128, 128), (True, True), (True, False))
+    ramp = tiler._ramp(128, 128, (True, True), (True, False))
     assert ramp[0, 64] == ramp[127, 64] == ramp[64, 0] == pytest.approx(1 / 33)
     assert ramp[64, 127] == 1  # the frame's own border: no neighbour, full weight
