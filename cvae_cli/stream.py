@@ -178,6 +178,7 @@ class Tiler:
         self.tile, self.scale, self.streaming, self.overlap, self.match = tile, scale, streaming, overlap, match
         self.align = round(1 / scale) if scale < 1 else 1  # tile corners on whole latents
         self.caches: dict[tuple[int, int], StreamCache] = {}
+        self._geometry_of: tuple | None = None  # (frame size and device, what `_geometry` worked out for it)
 
     def spans(self, size: int) -> list[tuple[int, int]]:
         if self.tile is None or size <= self.tile:
@@ -223,7 +224,7 @@ class Tiler:
         to the frame's edges share one weight map, and pairs in the same relative position one
         product, so an 8K frame in small tiles holds a few maps, not one per tile."""
         key = (h, w, str(device))
-        if getattr(self, "_geometry_of", (None,))[0] == key:
+        if self._geometry_of is not None and self._geometry_of[0] == key:
             return self._geometry_of[1]
         ys, xs = self.spans(h), self.spans(w)
         s = self.scale
