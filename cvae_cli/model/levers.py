@@ -121,7 +121,8 @@ class BlockCache:
 class CompiledBlock:
     """A block's call under the compile lever (`nn.Module._compiled_call_impl`): the block's own
     forward, compiled, given a `BlockCache` that carries its layers' part of the stream's cache in
-    and out. The block and its layers are not changed; each layer is told its name (`stream_slot`)."""
+    and out. The block's code is not changed: each of its modules is given its name in the block
+    (`stream_slot`), which only a `BlockCache` reads."""
 
     def __init__(self, block: nn.Module):
         self.compiled = torch.compile(block._call_impl, backend=BACKEND, dynamic=False)
@@ -151,8 +152,8 @@ def compile_blocks(model: nn.Module, on: bool) -> None:
     share a graph, streaming or not (`CompiledBlock`)."""
     config = torch._dynamo.config
     if on:
-        # a graph per block shape (and chunk length), kept for the one code object that every
-        # block's call runs (nn.Module._call_impl); the default limit is 8 per code object
+        # a graph per block shape (and chunk length), kept per class's forward: the released
+        # decoder's resnets come in several shapes; the default limit is 8 per code object
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(config, name):
                 setattr(config, name, max(128, getattr(config, name)))
