@@ -28,6 +28,7 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # compile in this process: its CPU time is counted
 
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cvae_cli.bench import frames_of  # noqa: E402
@@ -81,10 +82,14 @@ def main(argv=None) -> None:
     frames, opts = frames_of(args.frames, w, h), StreamOptions(chunk=args.chunk)
     names = args.variant.split(",")
     models = {name: prepared(base, name) for name in names}
-    first = {}
+    first, graphs = {}, {}
     with torch.inference_mode():
         for name in names:  # the first variant's warm-up is the one to report: later ones may reuse its kernels
+            before = counters["stats"]["unique_graphs"]
             first[name] = one_pass(models[name], frames, opts, h, w)
+            graphs[name] = counters["stats"]["unique_graphs"] - before
+            print(f"# {name}: first pass {sum(first[name][:2]):.1f} s wall, {sum(first[name][2:]):.1f} s CPU, "
+                  f"{graphs[name]} graphs", flush=True)
         steady = {name: [] for name in names}
         for _ in range(args.repeat):
             for name in names:
@@ -93,17 +98,17 @@ def main(argv=None) -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}; "
           f"{w}x{h} x {args.frames} frames, chunk {args.chunk}, width {args.width}, v1.0.0 layout (clip norm); "
           f"median of {args.repeat} interleaved steady passes")
-    print(f"{'variant':<8}{'warm-up s':>10}{'CPU s':>8}{'enc f/s':>9}{'dec f/s':>9}{'enc CPU s/f':>12}"
+    print(f"{'variant':<8}{'warm-up s':>10}{'CPU s':>8}{'graphs':>7}{'enc f/s':>9}{'dec f/s':>9}{'enc CPU s/f':>12}"
           f"{'dec CPU s/f':>12}")
     rows = []
     for name in names:
         med = [statistics.median(s[i] for s in steady[name]) for i in range(4)]
-        row = dict(variant=name, first=first[name], warmup_s=sum(first[name][:2]) - med[0] - med[1],
+        row = dict(variant=name, first=first[name], graphs=graphs[name], warmup_s=sum(first[name][:2]) - med[0] - med[1],
                    warmup_cpu_s=sum(first[name][2:]) - med[2] - med[3], encode_fps=args.frames / med[0],
                    decode_fps=n_out / med[1], encode_cpu_s_per_frame=med[2] / args.frames,
                    decode_cpu_s_per_frame=med[3] / n_out, steady=steady[name])
         rows.append(row)
-        print(f"{name:<8}{row['warmup_s']:10.1f}{row['warmup_cpu_s']:8.1f}{row['encode_fps']:9.2f}"
+        print(f"{name:<8}{row['warmup_s']:10.1f}{row['warmup_cpu_s']:8.1f}{graphs[name]:7d}{row['encode_fps']:9.2f}"
               f"{row['decode_fps']:9.2f}{row['encode_cpu_s_per_frame']:12.3f}{row['decode_cpu_s_per_frame']:12.3f}",
               flush=True)
     if args.out:

@@ -104,21 +104,24 @@ def test_compiled_block_carries_its_stream_cache_like_plain():
     assert rel_err(torch.cat(parts, 2), whole) < 1e-5
 
 
-def steps(model, x: torch.Tensor, z: torch.Tensor, graphs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def steps(model, x: torch.Tensor, z: torch.Tensor, graphs: list[int], before=lambda cache: None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode x in chunks of 1 + 4, 4, ... frames and decode z in steps of 1 + 2, 2, ... latents,
     then the flush, as `stream` does (chunk 4, then chunk 8: a decoder fed one latent a step holds
     frames back for look-ahead through its first four steps, each of another length); the compiled
-    graphs so far are noted after every step."""
+    graphs so far are noted after every step; `before(cache)` is called before every step."""
     cache, means = StreamCache(), []
     cuts = [0, *range(5, x.shape[2] + 1, 4)]
     for i in range(len(cuts) - 1):
         cache.final = i == len(cuts) - 2
+        before(cache)
         means.append(model.encode(x[:, :, cuts[i]:cuts[i + 1]], cache).mean)
         graphs.append(counters["stats"]["unique_graphs"])
     cache, frames = StreamCache(), []
     cuts = [0, *range(3, z.shape[2] + 1, 2), z.shape[2]]
     for i in range(len(cuts) - 1):
         cache.final = i == len(cuts) - 2
+        before(cache)
         frames.append(model.decode(z[:, :, cuts[i]:cuts[i + 1]], cache))
         graphs.append(counters["stats"]["unique_graphs"])
     return torch.cat(means, 2), torch.cat(frames, 2)
@@ -146,6 +149,37 @@ def test_compiled_blocks_stream_like_plain_without_recompiling_after_two_chunks(
     assert graphs[9:] == [dec[1]] * 9, graphs
     assert graphs[-1] <= sum(1 for _ in fast.blocks())  # at most one graph per block: none recompiled
     for fast_out, plain_out in zip((*got, *again), (*expected, *expected_again)):
+        assert rel_err(fast_out, plain_out) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_blocks_of_one_shape_share_a_graph_while_streaming(monkeypatch):
+    """Three resnets a level: a compiled stream makes one graph per distinct block shape (its type,
+    its weights' shapes, its input's shape and strides: a resnet after an upsampler is given a
+    strided view) among the steps that compile (a stream's steady steps), not one per block, and
+    still streams like the plain model. Backend "eager": dynamo's graphs, no compiler."""
+    monkeypatch.setattr(levers_module, "BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    model = random_model(num_res_blocks=3)
+    fast = copy.deepcopy(model).use_levers(Levers(compile=True))
+    steady, shapes = [False], set()
+
+    def note(block, args):
+        if steady[0]:
+            shapes.add((type(block), tuple(p.shape for p in block.parameters()), args[0].shape, args[0].stride()))
+
+    hooks = [block.register_forward_pre_hook(note) for block in model.blocks()]
+    x, z = torch.rand(1, 3, 13, 32, 48) * 2 - 1, torch.randn(1, 4, 5, 4, 6)
+    with torch.inference_mode():
+        expected = steps(model, x, z, [], lambda cache: steady.__setitem__(0, bool(cache.state) and not cache.final))
+        graphs: list[int] = []
+        got = steps(fast, x, z, graphs)
+    for hook in hooks:
+        hook.remove()
+    blocks = sum(1 for _ in fast.blocks())
+    assert graphs[-1] == len(shapes) < blocks * 2 // 3, (graphs, len(shapes), blocks)
+    for fast_out, plain_out in zip(got, expected):
         assert rel_err(fast_out, plain_out) < 1e-5
     torch._dynamo.reset()
 

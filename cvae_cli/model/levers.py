@@ -43,10 +43,10 @@ class Levers:
     fused_norm: GroupNorm + SiLU as one compiled kernel (statistics, then a single normalize-and-
       activate pass) instead of the norm, then a separate SiLU pass.
     compile: torch.compile each block (resnet, attention, resampler, conv_in/out) on its own: small
-      graphs, each compiled once. Blocks of one shape share a graph where no `StreamCache` is
-      passed; a cache is keyed by layer, so a streaming block guards on its layers' identity and
-      gets its own graph. A stream's first step and its last run eagerly: only the steady steps in
-      between are compiled, so nothing recompiles after a video's second chunk.
+      graphs, and blocks of one shape share one, streaming or not: a block's layers get their part
+      of the `StreamCache` by their names in the block, not their identity (`CompiledBlock`). A
+      stream's first step and its last run eagerly: only the steady steps in between are compiled,
+      so nothing recompiles after a video's second chunk.
     cudnn_benchmark: cuDNN times its algorithms for each new shape (CUDA only; a chunk's shape
       repeats for the whole video, so the search is paid once).
     """
@@ -97,13 +97,63 @@ def eager() -> contextlib.AbstractContextManager:
 BACKEND = "inductor"  # torch.compile's backend for the compile lever (tests trace with "aot_eager": no codegen)
 
 
+class BlockCache:
+    """One compiled block's share of a stream's `StreamCache`, for the length of one call: the same
+    get/put/take, keyed by each layer's name inside its block (`"conv1"`, `"conv2"`; "" for a block
+    that is itself a layer) instead of by its identity. A graph then sees the same keys, in the same
+    order, for every block of one shape, and no layer's identity: dynamo has nothing that tells two
+    such blocks apart, so they share one graph (a `StreamCache` reads `id(layer)`, and dynamo guards
+    on the identity of every layer whose id it reads)."""
+
+    def __init__(self, final: bool, state: dict[str, object]):
+        self.final, self.state = final, state
+
+    def get(self, layer: nn.Module, default=None):
+        return self.state.get(layer.stream_slot, default)
+
+    def put(self, layer: nn.Module, value) -> None:
+        self.state[layer.stream_slot] = value
+
+    def take(self, layer: nn.Module):
+        return self.state.pop(layer.stream_slot, None)
+
+
+class CompiledBlock:
+    """A block's call under the compile lever (`nn.Module._compiled_call_impl`): the block's own
+    forward, compiled, given a `BlockCache` that carries its layers' part of the stream's cache in
+    and out. The block's code is not changed: each of its modules is given its name in the block
+    (`stream_slot`), which only a `BlockCache` reads."""
+
+    def __init__(self, block: nn.Module):
+        self.compiled = torch.compile(block._call_impl, backend=BACKEND, dynamic=False)
+        self.layers = list(block.named_modules())
+        for name, layer in self.layers:
+            layer.stream_slot = name
+
+    def __call__(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if cache is None:
+            return self.compiled(x)
+        own = {}
+        for name, layer in self.layers:
+            value = cache.take(layer)
+            if value is not None:
+                own[name] = value
+        part = BlockCache(cache.final, own)
+        y = self.compiled(x, part)
+        for name, layer in self.layers:
+            if name in part.state:
+                cache.put(layer, part.state[name])
+        return y
+
+
 def compile_blocks(model: nn.Module, on: bool) -> None:
     """torch.compile every block of `model.blocks()` on its own (or undo it). With nn modules
-    inlined, a block's weights are graph inputs, not constants of its graph."""
+    inlined, a block's weights are graph inputs, not constants of its graph, and blocks of one shape
+    share a graph, streaming or not (`CompiledBlock`)."""
     config = torch._dynamo.config
     if on:
-        # a graph per block (streaming) or per block shape, kept per class's forward: the released
-        # decoder alone has 16 resnets; the default limit is 8 per code object
+        # a graph per block shape (and chunk length), kept per class's forward: the released
+        # decoder's resnets come in several shapes; the default limit is 8 per code object
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(config, name):
                 setattr(config, name, max(128, getattr(config, name)))
@@ -112,7 +162,4 @@ def compile_blocks(model: nn.Module, on: bool) -> None:
         if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):  # before, weights were constants:
             config.inline_inbuilt_nn_modules = True  # one graph per block, not per shape
     for block in model.blocks():
-        if on:
-            block.compile(backend=BACKEND, dynamic=False)
-        else:
-            block._compiled_call_impl = None
+        block._compiled_call_impl = CompiledBlock(block) if on else None
