@@ -255,13 +255,13 @@ class Tiler:
                 both = (ra[local[2]:local[2] + rows, local[3]:local[3] + cols]
                         * rb[local[4]:local[4] + rows, local[5]:local[5] + cols])
                 total = float(both.sum())
-                both_of[local] = ((both / total).to(device) if total > 0 else None, total)
+                both_of[local] = (_on(both / np.float32(total), device) if total > 0 else None, total)
             both, total = both_of[local]
             if both is not None:
                 places[a][4].append(len(pairs))
                 places[b][4].append(len(pairs))
                 pairs.append((a, b, (sy, sx), both, total))
-        on_device = {k: r.to(device) for k, r in ramp_of.items()}
+        on_device = {k: _on(r, device) for k, r in ramp_of.items()}
         geometry = places, [on_device[p[6]] for p in places], pairs
         self._geometry_of = key, geometry
         return geometry
@@ -338,21 +338,26 @@ class Tiler:
         cache.final = final
         return cache
 
-    def _ramp(self, height: int, width: int, inner_y: tuple[bool, bool], inner_x: tuple[bool, bool]) -> torch.Tensor:
-        """Weights rising linearly across the overlap on every edge that borders another tile."""
+    def _ramp(self, height: int, width: int, inner_y: tuple[bool, bool], inner_x: tuple[bool, bool]) -> np.ndarray:
+        """Weights rising linearly across the overlap on every edge that borders another tile (float32,
+        on the host: their sums are worked out here, with no value read back from the device)."""
         blend = max(1, round(self.tile * self.scale * self.overlap))
 
-        def axis(n: int, inner: tuple[bool, bool]) -> torch.Tensor:
-            r = torch.ones(n)
+        def axis(n: int, inner: tuple[bool, bool]) -> np.ndarray:
+            r = np.ones(n, np.float32)
             k = min(blend, n)
-            up = torch.arange(1, k + 1) / (k + 1)
+            up = np.arange(1, k + 1, dtype=np.float32) / np.float32(k + 1)
             if inner[0]:
-                r[:k] = torch.minimum(r[:k], up)
+                r[:k] = np.minimum(r[:k], up)
             if inner[1]:
-                r[n - k:] = torch.minimum(r[n - k:], up.flip(0))
+                r[n - k:] = np.minimum(r[n - k:], up[::-1])
             return r
 
         return axis(height, inner_y)[:, None] * axis(width, inner_x)[None, :]
+
+
+def _on(weights: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(weights)).to(device)
 
 
 def to_pixels(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
