@@ -88,10 +88,6 @@ def check_finite(latent: torch.Tensor, where: str) -> None:
                         "nothing was written (try --dtype bf16 or --dtype fp32)")
 
 
-def _opened(source: media.MediaFile | Path, stack: contextlib.ExitStack) -> media.MediaFile:
-    return stack.enter_context(source if isinstance(source, media.MediaFile) else media.open_media(source))
-
-
 # --- encode -----------------------------------------------------------------------------------
 
 @dataclass
@@ -157,7 +153,7 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
     with contextlib.ExitStack() as stack:
         for src, dst, select in jobs:
             try:
-                run = _Encoding(_opened(src, stack), dst, select)
+                run = _Encoding(stack.enter_context(open_media_file(src)), dst, select)
             except CvaeError as e:
                 runs.append(_Encoding(None, dst, select, outcome=e))
                 continue
@@ -388,7 +384,7 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
     Finished work is never thrown away for a score: each chunk is scored after it was handed to the
     writer, and a scoring failure stops the scoring (`Result.metrics_error`), not the output."""
     with contextlib.ExitStack() as stack:
-        source = _opened(src, stack)
+        source = stack.enter_context(open_media_file(src))
         info = source.info
         check_output_kind(dst, image=info.is_image)
         remove_stale(dst)
