@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, List, Optional
 
 import typer
 from rich.markup import escape
@@ -16,6 +16,7 @@ from .options import BatchSize, DryRun, ModelOptions, Outputs, Quiet, SelectOpti
 from .output import Output
 
 if TYPE_CHECKING:
+    from ..convert import ProgressFactory
     from ..dataset import Layout
 
 MaybeInputs = Annotated[Optional[List[str]], typer.Argument(help="Input files (globs allowed); none with --manifest.",
@@ -163,7 +164,8 @@ def encode_manifest(out: Output, manifest: Path, files: Outputs, layout: Layout,
                     typer.echo(line)
             raise typer.Exit(1 if plan.missing() else 0)  # as a plain --dry-run: a missing input fails
         tok = model.load(out, "encode", local_rank=dist.local_rank)
-        summary = job.run(tok, dist, **manifest_progress(out, dist))
+        note, progress = manifest_progress(out, dist)
+        summary = job.run(tok, dist, note=note, progress=progress)
     if dist.rank == 0:
         out.info(escape(f"{summary.line()} -> {files.out_dir / 'summary.json'}"))
         if summary.failed:
@@ -171,15 +173,14 @@ def encode_manifest(out: Output, manifest: Path, files: Outputs, layout: Layout,
             raise typer.Exit(1)  # rank 0 speaks for the run; the others exit 0
 
 
-def manifest_progress(out: Output, dist) -> dict:
+def manifest_progress(out: Output, dist) -> tuple[Callable[[str], None], ProgressFactory | None]:
     """One process: a bar (or a line every few seconds) per clip, and the per-clip lines; under
     torchrun the per-clip lines only, prefixed with the rank, each written whole so that processes
     never interleave mid-line."""
     from ..dataset import line_writer
 
     if out.quiet:
-        return {"note": lambda m: None, "progress": None}
+        return (lambda m: None), None
     if dist.world == 1:
-        return {"note": lambda m: out.info(escape(m)),
-                "progress": lambda name, total: out.progress(f"encoding {name}", total)}
-    return {"note": line_writer(dist.rank, dist.world), "progress": None}
+        return (lambda m: out.info(escape(m))), (lambda name, total: out.progress(f"encoding {name}", total))
+    return line_writer(dist.rank, dist.world), None
