@@ -7,7 +7,9 @@
 `--command` measures the whole `cvae reconstruct` process instead (reading, the model, scoring,
 writing): a real photo (default: libjxl-testdata's flower.png when given with --photo, else the
 synthetic pattern) resized to the size, run as its own process; its peak resident set is that
-process's ru_maxrss. `--weights released` makes (once, in --work) a random model of the released
+process's own VmHWM, written by the child as it exits. (The parent's ru_maxrss for children would
+not do: Linux carries the parent's high-water mark into a child across exec, and this parent holds
+torch and, with --weights released, the model it saved.) `--weights released` makes (once, in --work) a random model of the released
 v1.0.0 width and saves it, so the command loads it as a user's weights.
 
 Random weights in the released v1.0.0 layout (229 M parameters, clip norm, float32 on the CPU), a
@@ -61,12 +63,20 @@ def whole_command(args, w: int, h: int) -> None:
             save_model(CausalVAE(CausalVAEConfig(hidden_size=128)).eval(), weights)  # v1.0.0 layout
     else:
         weights = Path(args.weights)
-    cmd = [sys.executable, "-m", "cvae_cli", "reconstruct", str(photo), "-o", str(work / f"recon-{w}x{h}.png"),
+    hwm = work / f"vmhwm-{w}x{h}.txt"
+    hwm.unlink(missing_ok=True)
+    shim = ("import atexit, sys\n"
+            f"atexit.register(lambda: open({str(hwm)!r}, 'w').write(next(line for line in open('/proc/self/status')"
+            " if line.startswith('VmHWM'))))\n"
+            "sys.argv[0] = 'cvae'\n"
+            "from cvae_cli.cli import app\n"
+            "app()\n")
+    cmd = [sys.executable, "-c", shim, "reconstruct", str(photo), "-o", str(work / f"recon-{w}x{h}.png"),
            "--overwrite", "--weights", str(weights), *(["--norm", args.norm] if args.norm else []), *args.extra]
     print("#", " ".join(cmd), flush=True)
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "CVAE_WEIGHTS": ""})
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    peak = int(hwm.read_text().split()[1]) / 2**20 if hwm.exists() else float("nan")  # kB
     print(f"{w}x{h} weights {args.weights} norm {args.norm or 'as saved'}: exit {done.returncode}, "
           f"peak RSS {peak:.2f} GiB, {time.perf_counter() - start:.0f} s", flush=True)
 
