@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -31,12 +32,42 @@ from .prefetch import PREFETCH, background
 from .selection import Selection
 from .stream import StreamOptions, decode_latents, encode_batch, encode_frames, padded_length, padded_size
 
-Progress = Callable[[int], None]
+Progress = Callable[[float], None]  # frames done since the last call (a photo's move by tiles)
 # (name, expected frames or None) -> a context giving the Progress callback for one batch of inputs
 ProgressFactory = Callable[[str, "int | None"], ContextManager[Progress]]
 # How to cut an input of a given (width, height, is an image): fixed, or chosen per input (see
 # stream.choose_options).
 Options = StreamOptions | Callable[[int, int, bool], StreamOptions]
+DECODE_SHARE = 2 / 3  # of a reconstruction's model time: decoding costs about twice encoding (cvae bench)
+
+
+class PhotoProgress:
+    """Progress for photos, which are one frame and one step through the model each way: the tiles
+    of a large photo move the count, so it shows how far the photo is and the time left instead of
+    0/1 for minutes. Each tiled pass stands for its `share` of the frames and advances at most 99% of
+    them; the frames' own reports, as they are done, make up the rest, so the count ends exact.
+    Tiles report from the model's threads, frames from another: one lock, held while reporting."""
+
+    def __init__(self, progress: Progress, frames: int):
+        self.progress, self.frames = progress, frames
+        self.shown = self.done = 0.0
+        self.lock = threading.Lock()
+
+    def tiles(self, share: float) -> Callable[[float], None]:
+        def tile(fraction: float) -> None:
+            with self.lock:
+                self._show(min(fraction * share * self.frames, 0.99 * self.frames - self.shown))
+        return tile
+
+    def __call__(self, frames: int) -> None:
+        with self.lock:
+            self.done += frames
+            self._show(self.done - self.shown)
+
+    def _show(self, add: float) -> None:
+        if add > 0:
+            self.shown += add
+            self.progress(add)
 
 
 # --- the one failure policy for many inputs ----------------------------------------------------
@@ -142,12 +173,14 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
         except Exception as e:  # this input's failure: end its stream, keep the batch going
             run.outcome = e
 
+    report = progress
+
     def advance(run: _Encoding, latents: int) -> None:
         """Report the frames these latents stand for (1, then 4 per latent), at most those read."""
         run.latents += latents
         done = min(1 + ft * (run.latents - 1), run.read)
-        if progress and done > run.counted:
-            progress(done - run.counted)
+        if report and done > run.counted:
+            report(done - run.counted)
         run.counted = max(run.counted, done)
 
     with contextlib.ExitStack() as stack:
@@ -175,7 +208,9 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
         lengths = [run.select.expected_frames(run.source.info) for run in live]
         frames = None if None in lengths else max(lengths)
         opts = _options(options, width, height, image, frames, len(live))
-        chunks = encode_batch(model, streams, opts)
+        photos = PhotoProgress(progress, len(live)) if image and progress else None
+        report = photos or progress
+        chunks = encode_batch(model, streams, opts, on_tile=photos.tiles(1.0) if photos else None)
         with contextlib.closing(background(chunks, prefetch)) as chunks:
             for i, mean, logvar in chunks:
                 run = live[i]
@@ -366,7 +401,10 @@ def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Op
     remove_stale(dst)
     opts = _options(options, meta.width, meta.height, meta.fps is None, meta.padded_frames)
     step = max(1, opts.chunk // model.config.time_compression)
-    chunks = decode_latents(model, latent.iter_chunks(step), opts, meta.height, meta.width)
+    photo = PhotoProgress(progress, 1) if meta.fps is None and progress else None
+    progress = photo or progress
+    chunks = decode_latents(model, latent.iter_chunks(step), opts, meta.height, meta.width,
+                            on_tile=photo.tiles(1.0) if photo else None)
     frames = _write_frames(dst, background(chunks, prefetch), meta.fps, meta.frames, crf, progress,
                            times=meta.frame_times)
     return Result(dst, frames)
@@ -425,8 +463,12 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
                 check_finite(mean, str(source.path))
                 yield mean
 
-        latents = finite(encode_frames(model, remember(frames), opts))
-        chunks = background(decode_latents(model, latents, opts, height, width), prefetch)
+        photo = PhotoProgress(progress, 1) if info.is_image and progress else None
+        progress = photo or progress
+        latents = finite(encode_frames(model, remember(frames), opts,
+                                       on_tile=photo.tiles(1 - DECODE_SHARE) if photo else None))
+        chunks = background(decode_latents(model, latents, opts, height, width,
+                                           on_tile=photo.tiles(DECODE_SHARE) if photo else None), prefetch)
         keep_times = not (info.is_image or select.fps)
         count = _write_frames(dst, chunks, None if info.is_image else select.output_fps(info), 2**62, crf,
                               progress, transform=pair, times=times if keep_times else None,

@@ -170,12 +170,16 @@ class Tiler:
     that frame's tiles alone: a streamed video stays exact and causal, its result does not depend
     on how it is cut into chunks, and a tile's colour cannot jump at a chunk boundary. Encoding is
     not matched: it did not lessen the seams (benchmarks/README.md). A step whose tiles agree
-    comes out unchanged with or without it; one tile (no tiling) is never touched."""
+    comes out unchanged with or without it; one tile (no tiling) is never touched.
+
+    `on_tile(fraction)`, if given, is called after each tile of a tiled step with the part of that
+    step it stood for: a large photo is one step of minutes, and its progress moves by tiles."""
 
     def __init__(self, tile: int | None, scale: float, streaming: bool, overlap: float | None = None,
-                 match: bool = False):
+                 match: bool = False, on_tile: Callable[[float], None] | None = None):
         overlap = TILE_OVERLAP if overlap is None else overlap
         self.tile, self.scale, self.streaming, self.overlap, self.match = tile, scale, streaming, overlap, match
+        self.on_tile = on_tile
         self.align = round(1 / scale) if scale < 1 else 1  # tile corners on whole latents
         self.caches: dict[tuple[int, int], StreamCache] = {}
         self._geometry_of: tuple | None = None  # (frame size and device, what `_geometry` worked out for it)
@@ -210,6 +214,8 @@ class Tiler:
                 means[k, int(i != pairs[k][0])] = torch.einsum("bcthw,hw->bct", y[sub].float(), both)
             out[..., oy:oy + hh, ox:ox + ww].addcmul_(y.float(), ramps[i])  # float32 throughout: no mixed-dtype kernel
             weight[oy:oy + hh, ox:ox + ww] += ramps[i]
+            if self.on_tile:
+                self.on_tile(1 / len(boxes))
         if pairs and out.shape[2]:  # the blend is linear: each tile's constant added now, weighted
             for (oy, ox, hh, ww, *_), ramp, offset in zip(places, ramps, self._offsets(places, pairs, means)):
                 out[..., oy:oy + hh, ox:ox + ww].addcmul_(offset[..., None, None], ramp)
@@ -327,7 +333,7 @@ class Tiler:
 
     def select(self, index: list[int]) -> "Tiler":
         """A tiler carrying only some batch rows' caches (clips of a batch that go on together)."""
-        out = Tiler(self.tile, self.scale, self.streaming, self.overlap, self.match)
+        out = Tiler(self.tile, self.scale, self.streaming, self.overlap, self.match, self.on_tile)
         out.caches = {k: c.select(index) for k, c in self.caches.items()}
         return out
 
@@ -440,10 +446,11 @@ def decode_step(model: CausalVAE) -> Callable[[torch.Tensor, StreamCache | None]
 
 
 @torch.inference_mode()
-def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]],
-                 options: StreamOptions) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]], options: StreamOptions,
+                 on_tile: Callable[[float], None] | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Encode clips of one frame size together, their chunks stacked along the batch (one model call
-    per step for all of them); yield (clip index, mean, logvar) chunks as `encode_frames` does."""
+    per step for all of them); yield (clip index, mean, logvar) chunks as `encode_frames` does.
+    `on_tile` as `Tiler`'s."""
     ft, fs = model.config.time_compression, model.config.space_compression
     device, dtype = placement(model)
     first, size, overlap = plan(options, ft, latent=False)
@@ -452,26 +459,28 @@ def encode_batch(model: CausalVAE, clips: Sequence[Iterable[np.ndarray]],
                for frames in clips]
 
     seen = [0] * len(clips)
-    for i, moments in lockstep(sources, Tiler(options.tile, 1 / fs, options.mode == "stream"), encode_step(model)):
+    tiler = Tiler(options.tile, 1 / fs, options.mode == "stream", on_tile=on_tile)
+    for i, moments in lockstep(sources, tiler, encode_step(model)):
         moments = moments[0, :, overlap:] if overlap and seen[i] else moments[0]
         seen[i] += 1
         yield (i, *moments.chunk(2, dim=0))
 
 
-def encode_frames(model: CausalVAE, frames: Iterable[np.ndarray],
-                  options: StreamOptions) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def encode_frames(model: CausalVAE, frames: Iterable[np.ndarray], options: StreamOptions,
+                  on_tile: Callable[[float], None] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (mean, logvar) latent chunks, each (C, t, h, w), as the frames stream in.
 
     The frame count is padded to 1 + 4k by repeating the last frame."""
-    for _, mean, logvar in encode_batch(model, [frames], options):
+    for _, mean, logvar in encode_batch(model, [frames], options, on_tile):
         yield mean, logvar
 
 
 @torch.inference_mode()
 def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], options: StreamOptions,
-                 height: int, width: int) -> Iterator[tuple[int, np.ndarray]]:
+                 height: int, width: int, on_tile: Callable[[float], None] | None = None,
+                 ) -> Iterator[tuple[int, np.ndarray]]:
     """Decode several latent streams of one size together (chunks stacked along the batch); yield
-    (stream index, uint8 frames (t, height, width, 3)) as `decode_latents` does."""
+    (stream index, uint8 frames (t, height, width, 3)) as `decode_latents` does. `on_tile` as `Tiler`'s."""
     ft, fs = model.config.time_compression, model.config.space_compression
     device, dtype = placement(model)
     first, size, overlap = plan(options, ft, latent=True)
@@ -488,7 +497,8 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
                 yield z, last
 
     seen = [0] * len(latents)
-    tiler = Tiler(options.tile and options.tile // fs, fs, streaming=streaming, match=options.match_tiles)
+    tiler = Tiler(options.tile and options.tile // fs, fs, streaming=streaming, match=options.match_tiles,
+                  on_tile=on_tile)
     for i, x in lockstep([source(c) for c in latents], tiler, decode_step(model)):
         x = x[:, :, overlap:] if overlap and seen[i] else x
         seen[i] += 1
@@ -497,9 +507,9 @@ def decode_batch(model: CausalVAE, latents: Sequence[Iterable[torch.Tensor]], op
 
 
 def decode_latents(model: CausalVAE, latents: Iterable[torch.Tensor], options: StreamOptions,
-                   height: int, width: int) -> Iterator[np.ndarray]:
+                   height: int, width: int, on_tile: Callable[[float], None] | None = None) -> Iterator[np.ndarray]:
     """Yield uint8 frame chunks (t, height, width, 3) from latent chunks (C, t', h, w), as they come.
 
     The decoder looks one latent ahead, so a chunk's last frames come out with the next chunk."""
-    for _, frames in decode_batch(model, [latents], options, height, width):
+    for _, frames in decode_batch(model, [latents], options, height, width, on_tile):
         yield frames

@@ -538,7 +538,7 @@ def test_progress_in_a_log_is_a_line_every_few_seconds_of_frames_through_the_mod
     make_video(tmp_path / "v.mp4", frames=13)
     r = cvae("encode", tmp_path / "v.mp4", "-w", weights, "--chunk", "4")
     assert r.exit_code == 0, r.output
-    counts = [line.split(": ")[1].split(" frames")[0] for line in r.output.splitlines() if "frames/s" in line]
+    counts = [line.split(": ")[1].split(" frames")[0] for line in r.output.splitlines() if " left" in line]
     # frames become latents 1 + 4 at a time: 5, 9, 13, never all 13 read up front
     assert counts == ["5/13", "9/13", "13/13"], r.output
 
@@ -558,7 +558,7 @@ def test_progress_on_a_terminal_shows_rate_and_time_left_from_the_first_chunk():
     now[0] = 80.0
     bar.advance(task, 16)
     shown = " ".join(str(column.render(bar.tasks[0])) for column in BAR_COLUMNS()[2:])
-    assert shown.split() == ["33/250", f"{33 / 80:.1f}", "frames/s", f"0:08:{(217 * 80 // 33) % 60:02d}"]
+    assert shown.split() == ["33/250", f"{80 / 33:.1f}", "s/frame", f"0:08:{(217 * 80 // 33) % 60:02d}"]
 
 
 def test_auto_mode_windows_a_clip_norm_model_and_stream_warns(tmp_path):
@@ -795,3 +795,17 @@ def test_log_lines_give_the_time_left(capsys):
         advance(10)
     line = capsys.readouterr().err
     assert "reconstructing x.mp4: 10/40 frames" in line and " left" in line
+
+
+def test_a_photos_log_line_shows_the_part_of_a_frame_done_and_seconds_per_frame(capsys, monkeypatch):
+    from cvae_cli.cli import output
+
+    now = [0.0]
+    monkeypatch.setattr(output.time, "monotonic", lambda: now[0])
+    out = output.Output()
+    out.every_s = 0
+    with out.progress("reconstructing big.png", 1) as advance:
+        now[0] = 60.0
+        advance(0.25)  # a quarter of the photo's tiles in a minute
+    line = capsys.readouterr().err
+    assert "reconstructing big.png: 0.2/1 frames, 240 s/frame, 0:03:00 left" in line, line

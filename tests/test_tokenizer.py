@@ -87,3 +87,18 @@ def test_a_bad_cut_is_refused_before_loading(tmp_path):
         Tokenizer.load(tmp_path / "nothing.safetensors", chunk=6)
     with pytest.raises(CvaeError, match="--mode sideways: use auto, stream, window, whole"):
         Tokenizer.load(tmp_path / "nothing.safetensors", mode="sideways")
+
+
+def test_a_tiled_photo_reports_progress_by_tiles_and_ends_at_exactly_one_frame(tmp_path, weights):
+    """A large photo is one frame and one step each way through the model: its count moved from 0 to
+    1 only at the end, minutes later. Each tile now moves it, below 1 until the frame is done."""
+    tok = Tokenizer.load(weights, device="cpu", tile=64)
+    media.write_image(tmp_path / "p.png", np.random.default_rng(0).integers(0, 256, (96, 160, 3), np.uint8))
+    for run in (lambda progress: tok.encode(tmp_path / "p.png", tmp_path / "p.safetensors", progress=progress),
+                lambda progress: tok.decode(tmp_path / "p.safetensors", tmp_path / "p.out.png", progress=progress),
+                lambda progress: tok.reconstruct(tmp_path / "p.png", tmp_path / "p.recon.png", progress=progress)):
+        steps: list[float] = []
+        run(steps.append)
+        total = np.cumsum(steps)
+        assert len(steps) > 3 and (np.diff(total) > 0).all(), steps  # tile by tile, never backwards
+        assert 0 < total[0] < 0.5 and total[-2] <= 0.99 and total[-1] == 1.0, steps

@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from rich.text import Text
 
 
@@ -15,6 +15,16 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def frames_done(done: float, total: int | None) -> str:
+    """`12/40`; a photo's progress moves by tiles, so a fraction of a frame shows as `0.4/1`."""
+    shown = f"{done:.0f}" if abs(done - round(done)) < 1e-6 else f"{done:.1f}"
+    return f"{shown}/{total}" if total else shown
+
+
+def speed(rate: float) -> str:
+    """Frames per second, or seconds per frame where a frame takes longer than a second (a large
+    photo on a CPU), so a slow rate does not print as 0.0."""
+    return f"{rate:.1f} frames/s" if rate >= 1 else f"{1 / rate:.{1 if rate > 0.1 else 0}f} s/frame"
 
 
 def _rate(task) -> float | None:
@@ -25,10 +35,15 @@ def _rate(task) -> float | None:
     return task.completed / elapsed if elapsed and task.completed else None
 
 
+class FramesColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(frames_done(task.completed, task.total), style="progress.download")
+
+
 class FpsColumn(ProgressColumn):
     def render(self, task) -> Text:
         rate = _rate(task)
-        return Text(f"{rate:.1f} frames/s" if rate else "", style="progress.data.speed")
+        return Text(speed(rate) if rate else "", style="progress.data.speed")
 
 
 class TimeLeftColumn(ProgressColumn):
@@ -45,7 +60,7 @@ class TimeLeftColumn(ProgressColumn):
 
 def BAR_COLUMNS() -> tuple[ProgressColumn, ...]:  # noqa: N802 (a constant, made fresh per bar)
     """A progress bar's columns: what, the bar, frames done/total, frames/s, time left."""
-    return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FpsColumn(), TimeLeftColumn())
+    return (TextColumn("{task.description}"), BarColumn(), FramesColumn(), FpsColumn(), TimeLeftColumn())
 
 
 class Output:
@@ -95,10 +110,10 @@ class _Ticker:
         now = time.monotonic()
         if now - self.last >= self.out.every_s:
             self.last = now
-            of = f"/{self.total}" if self.total else ""
             rate = self.done / max(now - self.start, 1e-9)
             left = ""
             if self.total and rate > 0:  # as the bar's column: what is left at the rate so far
                 s = int(max(self.total - self.done, 0) / rate)
                 left = f", {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d} left"
-            self.out.info(escape(f"{self.description}: {self.done}{of} frames, {rate:.1f} frames/s{left}"))
+            shown = speed(rate) if rate > 0 else "0.0 frames/s"
+            self.out.info(escape(f"{self.description}: {frames_done(self.done, self.total)} frames, {shown}{left}"))
