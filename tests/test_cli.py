@@ -123,8 +123,8 @@ def test_auto_keeps_whole_frames_that_fit_the_budget(tmp_path, weights, monkeypa
     cuts = []
     for name in ("encode_batch", "decode_latents"):
         real = getattr(convert, name)
-        monkeypatch.setattr(convert, name, lambda model, items, options, *a, real=real: cuts.append(options.tile)
-                            or real(model, items, options, *a))
+        monkeypatch.setattr(convert, name, lambda model, items, options, *a, real=real, **k: cuts.append(options.tile)
+                            or real(model, items, options, *a, **k))
     make_video(tmp_path / "v.mp4", frames=5)
     media.write_image(tmp_path / "p.png", np.full((70, 94, 3), 90, np.uint8))
     for name in ("v.mp4", "p.png"):
@@ -139,7 +139,7 @@ def test_auto_keeps_whole_frames_that_fit_the_budget(tmp_path, weights, monkeypa
 def test_batched_encode_equals_one_by_one_and_isolates_a_broken_input(tmp_path, weights, monkeypatch):
     batches = []
     real = convert.encode_batch
-    monkeypatch.setattr(convert, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
+    monkeypatch.setattr(convert, "encode_batch", lambda model, clips, *a, **k: batches.append(len(clips)) or real(model, clips, *a, **k))
     for i, n in enumerate((5, 13, 9)):
         make_video(tmp_path / f"v{i}.mp4", frames=n, seed=i)
     make_video(tmp_path / "small.mp4", frames=5, width=64, height=48)  # another size: a batch of its own

@@ -136,7 +136,7 @@ def test_batched_manifest_run_equals_one_by_one(tmp_path, videos, weights, monke
 
     batches = []
     real = convert.encode_batch
-    monkeypatch.setattr(convert, "encode_batch", lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
+    monkeypatch.setattr(convert, "encode_batch", lambda model, clips, *a, **k: batches.append(len(clips)) or real(model, clips, *a, **k))
     common = ["encode", "--manifest", videos / "list.txt", "-w", weights, "--device", "cpu", "--chunk", "4"]
     for folder, extra in (("one", []), ("four", ["--batch-size", "4"])):
         r = runner.invoke(app, [str(a) for a in common + ["--out-dir", tmp_path / folder] + extra])
