@@ -1,6 +1,7 @@
 """All printing: messages, errors, and progress (a bar on a terminal, a line every few seconds in a log)."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -17,7 +18,7 @@ def count(n: int, noun: str) -> str:
 
 def frames_done(done: float, total: int | None) -> str:
     """`12/40`; a photo's progress moves by tiles, so a fraction of a frame shows as `0.4/1`."""
-    shown = f"{done:.0f}" if abs(done - round(done)) < 1e-6 else f"{done:.1f}"
+    shown = f"{done:.0f}" if abs(done - round(done)) < 1e-6 else f"{math.floor(done * 10) / 10:.1f}"  # 0.99: 0.9
     return f"{shown}/{total}" if total else shown
 
 
