@@ -16,7 +16,7 @@ counts them.
 
 Steps run as `stream` runs them: encode chunks of 1 + c, c, c frames; decode the same in latents,
 then the empty step that flushes; a photo is one frame through encode, then decode. `--tile` cuts
-every frame into `stream.Tiler`'s overlapping tiles, each with its own caches, for frames larger
+every frame into `tiles.Tiler`'s overlapping tiles, each with its own caches, for frames larger
 than one tile. Rows: the plain path (`Levers.off()`) and the levers (`Levers()`).
 """
 from __future__ import annotations

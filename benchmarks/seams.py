@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cvae_cli import stream  # noqa: E402
+from cvae_cli import tiles  # noqa: E402
 from cvae_cli.checkpoints import builtin_weights, load_model  # noqa: E402
-from cvae_cli.stream import StreamOptions, Tiler, decode_latents, encode_frames  # noqa: E402
+from cvae_cli.stream import StreamOptions, decode_latents, encode_frames  # noqa: E402
+from cvae_cli.tiles import Tiler  # noqa: E402
 
 BAND = 3  # pixels either side of a tile edge
 
@@ -48,7 +49,7 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
 def reconstruct(model, image: np.ndarray, tile: int | None, overlap: float, match: bool = True) -> np.ndarray:
     h, w = image.shape[:2]
     options = StreamOptions(chunk=4, tile=tile, match_tiles=match)
-    stream.TILE_OVERLAP = overlap  # the overlap under test, for encode and decode
+    tiles.TILE_OVERLAP = overlap  # the overlap under test, for encode and decode
     mean = torch.cat([m for m, _ in encode_frames(model, [image], options)], 1)
     return np.concatenate(list(decode_latents(model, [mean], options, h, w)))[0]
 

@@ -31,8 +31,9 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import CvaeError
 from .model import CausalVAE, CausalVAEConfig, Levers, StreamCache
-from .stream import (WINDOW_FRAMES, StreamOptions, Tiler, decode_step, encode_step, padded_length, padded_size,
+from .stream import (WINDOW_FRAMES, StreamOptions, decode_step, encode_step, padded_length, padded_size,
                      pixels_to_uint8, plan, uint8_to_pixels)
+from .tiles import Tiler
 
 GIB = 2**30
 TILES = (1024, 768, 512, 384, 256, 192, 128)  # tile sides tried, largest first

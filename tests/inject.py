@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvae_cli import convert, interrupt, media, stream  # noqa: E402
+from cvae_cli import convert, interrupt, media, tiles  # noqa: E402
 from cvae_cli.cli import app  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def fail(rank: int) -> None:
 
 
 def oom(width: int) -> None:
-    real = stream.Tiler.run
+    real = tiles.Tiler.run
 
     def run(self, step, x, final):
         if x.shape[-1] >= width and x.device.type != "meta":  # the model, not the budget's count
@@ -58,7 +58,7 @@ def oom(width: int) -> None:
                                f"{x.numel() * 4096} bytes. Error code 12 (Cannot allocate memory)")
         return real(self, step, x, final)
 
-    stream.Tiler.run = run
+    tiles.Tiler.run = run
 
 
 if __name__ == "__main__":

@@ -131,10 +131,10 @@ def test_a_cut_the_user_gives_wins_with_a_warning(tmp_path, weights):
 
 
 def test_running_out_of_memory_retries_once_with_a_smaller_cut(tmp_path, weights, monkeypatch):
-    from cvae_cli import stream
+    from cvae_cli.tiles import Tiler
 
     make_video(tmp_path / "a.mp4", frames=9, width=96, height=64)
-    real, cuts = stream.Tiler.run, []
+    real, cuts = Tiler.run, []
 
     def run(self, step, x, final):
         if getattr(step, "__qualname__", "").startswith("encode_step"):  # not the count's steps
@@ -143,7 +143,7 @@ def test_running_out_of_memory_retries_once_with_a_smaller_cut(tmp_path, weights
                 raise RuntimeError(CPU_OOM)
         return real(self, step, x, final)
 
-    monkeypatch.setattr(stream.Tiler, "run", run)
+    monkeypatch.setattr(Tiler, "run", run)
     r = cvae("encode", tmp_path / "a.mp4", "-w", weights, "--memory-budget", "8GiB")
     assert r.exit_code == 0, r.output
     assert "a.mp4: out of memory at chunk 16, whole frames" in r.output and "retrying once with chunk 12" in r.output

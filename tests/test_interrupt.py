@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cvae_cli import interrupt, prefetch
-from cvae_cli.stream import StreamOptions, Tiler, encode_frames
+from cvae_cli.stream import StreamOptions, encode_frames
+from cvae_cli.tiles import Tiler
 from conftest import FRAME_NORM, REPO, cvae_process, make_video, random_model, wait_for
 
 @pytest.fixture(autouse=True)

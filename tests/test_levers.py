@@ -284,7 +284,7 @@ def test_pixels_become_minus_one_to_one_in_float32_before_the_cast():
 
 
 def test_tiles_blend_in_float32():
-    from cvae_cli.stream import Tiler
+    from cvae_cli.tiles import Tiler
 
     x = torch.zeros(1, 4, 1, 200, 200, dtype=torch.bfloat16)
     step = lambda tile, cache: torch.full_like(tile, 0.7)  # every tile says 0.7: so must the blend

@@ -197,7 +197,7 @@ def test_the_tile_blend_adds_no_seam_to_a_real_photo():
     skimage = pytest.importorskip("skimage")
     from PIL import Image
 
-    from cvae_cli.stream import Tiler
+    from cvae_cli.tiles import Tiler
 
     photo = np.array(Image.open(Path(skimage.__file__).parent / "data" / "coffee.png").convert("RGB"))
     x = torch.from_numpy(photo[:400, :600]).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1  # (1, 3, 1, H, W)
@@ -220,8 +220,8 @@ def test_matched_tiles_lose_each_tiles_own_colour():
     GroupNorm statistics do) leaves seams in the plain blend; matched, the result is the whole
     frame's plus one constant per channel and frame, with no seam. The shifts here alternate from
     tile to tile: a trend across the frame is indistinguishable from a difference between every
-    tile's two sides, which the match fits and leaves alone (`Tiler._offsets`)."""
-    from cvae_cli.stream import Tiler
+    tile's two sides, which the match fits and leaves alone (`TileMatch.offsets`)."""
+    from cvae_cli.tiles import Tiler
 
     torch.manual_seed(0)
     z = torch.randn(2, 4, 3, 36, 60)  # two clips of three latent frames, tiled by 16: 3 x 5 tiles
@@ -273,7 +273,7 @@ def test_tiled_decode_of_a_real_photo_shows_no_seam():
 
 
 def test_a_tile_edge_weighs_almost_nothing_where_a_neighbour_covers_it():
-    from cvae_cli.stream import Tiler
+    from cvae_cli.tiles import Tiler
 
     tiler = Tiler(128, 1.0, streaming=False)
     ramp = tiler._ramp(128, 128, (True, True), (True, False))
