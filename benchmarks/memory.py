@@ -3,14 +3,14 @@
     python benchmarks/memory.py --targets 720p,1080p,4K --chunk 4 --tile 512          # seconds
     python benchmarks/memory.py --device cpu --dtype float32 --targets 64x48 --width 32 # the same count, computed
 
-    python benchmarks/memory.py --budgets 8,24,80,140 --cuda                            # the cut each budget gets
+    python benchmarks/memory.py --budgets 8,24,80,140 --copies                            # the cut each budget gets
 
 The count is `cvae_cli.budget` (what `--memory-budget` uses): `LiveTensorBytes` adds up every tensor
 alive at once, op by op, on the meta device (shapes only, no arithmetic and no memory), so a 4K count
 takes seconds and does not depend on how busy the machine is. On the CPU (`--device cpu`) the same
 count gives the same bytes (tests/test_levers.py checks it). It sees the model's own tensors
 (activations, causal caches, inputs and outputs, blend buffers); backend scratch and allocator slack
-come on top (on a GPU, cuDNN's copies of one convolution's input and output: `--cuda` adds them).
+come on top (cuDNN's and oneDNN's copies of one convolution's input and output: `--copies` adds them).
 Weights are not counted in the rows (v1.0.0: 229 M parameters, 0.43 GiB in bf16); `--budgets`
 counts them.
 
@@ -62,11 +62,11 @@ def config_for(norm: str, width: int) -> CausalVAEConfig:
 
 def budget_table(args) -> None:
     """The cut `--chunk auto --tile auto` takes under each budget, and its counted peak (weights
-    and, with --cuda, cuDNN's copies included), for encode and decode."""
+    and, with --copies, the backend's copies included, as the CLI counts them), for encode and decode."""
     dtype = getattr(torch, args.dtype)
     budgets = [float(b) for b in args.budgets.split(",")]
     print(f"# torch {torch.__version__}; {dtype}; hidden_size {args.width}; counted on the meta device"
-          f"{', with cuDNN copies' if args.cuda else ''}. Cut chosen (counted GiB):")
+          f"{', with the backend copies' if args.copies else ''}. Cut chosen (counted GiB):")
     print("| norm | size | direction | " + " | ".join(f"{b:g} GiB" for b in budgets) + " |")
     print("|---|---|---|" + "---|" * len(budgets))
     for norm in args.norms.split(","):
@@ -76,7 +76,7 @@ def budget_table(args) -> None:
             for direction in ("encode", "decode"):
                 cells = []
                 for b in budgets:
-                    policy = Policy(config, dtype, Levers(), Budget(int(b * 2**30), direction, args.cuda))
+                    policy = Policy(config, dtype, Levers(), Budget(int(b * 2**30), direction, args.copies))
                     t = time.perf_counter()
                     try:
                         choice = policy.choice(w, h)
@@ -99,7 +99,7 @@ def choice_cost(args) -> None:
             w, h = size(name)
             for direction in ("encode", "decode"):
                 _counted.cache_clear()
-                policy = Policy(config, dtype, Levers(), Budget(int(gib * 2**30), direction, args.cuda))
+                policy = Policy(config, dtype, Levers(), Budget(int(gib * 2**30), direction, args.copies))
                 wall, cpu = time.perf_counter(), time.process_time()
                 try:
                     o = policy.choice(w, h).options
@@ -136,7 +136,9 @@ def main(argv=None) -> None:
     ap.add_argument("--explain", action="store_true", help="print the op and the largest tensors alive at each peak")
     ap.add_argument("--budgets", help="instead: the cut chosen under each budget (GiB, e.g. 8,24,80,140)")
     ap.add_argument("--norms", default="frame,clip", help="with --budgets: the norms to count")
-    ap.add_argument("--cuda", action="store_true", help="with --budgets: add cuDNN's copies, as on a GPU")
+    ap.add_argument("--copies", action="store_true",
+                    help="with --budgets/--cost: add the backend's copies of the largest convolution's input and "
+                         "output (cuDNN's, oneDNN's), as the CLI does")
     ap.add_argument("--cost", help="instead: the CPU cost of choosing a cut under this budget (GiB)")
     args = ap.parse_args(argv)
     if args.cost:

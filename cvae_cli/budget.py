@@ -5,9 +5,9 @@ shapes only, no arithmetic and no memory, while every op still makes its outputs
 real device, so a 4K count takes about a second and does not depend on how busy the machine is
 (on the CPU the same count gives the same bytes: tests/test_levers.py). Steps run as `stream`
 runs them: the same step functions, the same `Tiler`, the same pixel conversions. It sees the
-model's own tensors (activations, causal caches, inputs, outputs, blend buffers); backend scratch
-comes on top: on a GPU, cuDNN's copies of one convolution's input and output (benchmarks/README.md),
-which `Count.peak` adds there.
+model's own tensors (activations, causal caches, inputs, outputs, blend buffers); the backend's
+copies of one convolution's input and output come on top (cuDNN's on a GPU, oneDNN's blocked-layout
+copies on the CPU: measured in benchmarks/README.md), which `Count.peak` adds.
 
 Tiles of one shape run the same ops on tensors of the same shapes, so one tile's step is counted
 and replayed for the others (`_Replay`): a tiled count costs what an untiled one does.
@@ -48,7 +48,7 @@ class LiveTensorBytes(TorchDispatchMode):
     until the last tensor viewing their storage is garbage. Tensors made before entering (the
     weights) are not counted. Any device, the meta device included (storages are told apart by
     identity, not by address: meta storages have none). `conv` is the largest input plus output of
-    one convolution (what cuDNN copies). With `explain`, `at_peak` names the op that made the peak
+    one convolution (what cuDNN and oneDNN copy). With `explain`, `at_peak` names the op that made the peak
     and the shapes of the largest storages alive then."""
 
     def __init__(self, explain: bool = False):
@@ -290,14 +290,16 @@ def _counted(config: str, dtype: torch.dtype, levers: Levers, direction: str, wi
 @dataclass(frozen=True)
 class Count:
     """A cut's counted bytes: the weights, each direction's peak and what it holds between steps,
-    and the largest convolution's input + output (cuDNN's copies on a GPU)."""
+    and the largest convolution's input + output (the backend's copies)."""
 
     weights: int
     encode: Steps | None
     decode: Steps | None
 
-    def peak(self, direction: str, cuda: bool = False) -> int:
-        """Bytes alive at the peak, weights included. Reconstruct runs encode and decode steps in
+    def peak(self, direction: str, copies: bool = True) -> int:
+        """Bytes alive at the peak, weights included, with the backend's `copies` of the largest
+        convolution's input and output (the resident set on the CPU, the allocator's peak on a GPU;
+        without them, the model's own tensors alone). Reconstruct runs encode and decode steps in
         turn in one thread: one direction's peak over the other's caches."""
         e, d = self.encode, self.decode
         if direction == "encode":
@@ -306,7 +308,7 @@ class Count:
             peak, conv = d.peak, d.conv
         else:
             peak, conv = max(e.peak + d.held, d.peak + e.held), max(e.conv, d.conv)
-        return self.weights + peak + (conv if cuda else 0)
+        return self.weights + peak + (conv if copies else 0)
 
 
 def count(config: CausalVAEConfig, dtype: torch.dtype, levers: Levers, direction: str, width: int, height: int,
@@ -363,12 +365,13 @@ def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 @dataclass(frozen=True)
 class Budget:
     """The memory a run may use, weights included, and for which command (the direction whose
-    peak counts) on which kind of device (a GPU adds cuDNN's copies). `source` says where the size
-    came from, for messages."""
+    peak counts); `copies`: whether the count adds the backend's copies of a convolution's input
+    and output, as cuDNN and oneDNN make them (False: the model's own tensors alone, for tables of
+    the count). `source` says where the size came from, for messages."""
 
     bytes: int
     direction: str = "reconstruct"
-    cuda: bool = False
+    copies: bool = True
     source: str = "--memory-budget"
 
     def __str__(self) -> str:
@@ -389,7 +392,7 @@ def default_budget(device: torch.device, model: torch.nn.Module, direction: str)
     else:
         return None
     size = int(free - max(MARGIN * free, MARGIN_MIN)) + weights
-    return Budget(max(size, 1), direction, device.type == "cuda", f"{where} less {MARGIN:.0%}")
+    return Budget(max(size, 1), direction, source=f"{where} less {MARGIN:.0%}")
 
 
 # --- the cut that fits -------------------------------------------------------------------------
@@ -434,7 +437,7 @@ def fit(config: CausalVAEConfig, dtype: torch.dtype, levers: Levers, budget: Bud
     the walk stops at the first tile size that needs more than the one before."""
     options = candidates(mode, width, height, chunk, tile, image)
     peak = lambda o: count(config, dtype, levers, budget.direction, width, height, o, image, frames,  # noqa: E731
-                           batch).peak(budget.direction, budget.cuda)
+                           batch).peak(budget.direction, budget.copies)
     least = None
     chosen = None
     shortest = options[-1].chunk
@@ -470,7 +473,7 @@ def explicit(config: CausalVAEConfig, dtype: torch.dtype, levers: Levers, budget
              width: int, height: int, image: bool = False, frames: int | None = None, batch: int = 1) -> Choice:
     """A cut the user gave, counted against the budget (they get a warning when it does not fit)."""
     n = count(config, dtype, levers, budget.direction, width, height, options, image, frames, batch) \
-        .peak(budget.direction, budget.cuda)
+        .peak(budget.direction, budget.copies)
     return Choice(options, n, budget, n <= budget.bytes)
 
 

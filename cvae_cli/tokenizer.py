@@ -86,9 +86,8 @@ def _policy(model: CausalVAE, cut: Cut, direction: str, warn: Callable[[str], No
     from .budget import Budget, default_budget
 
     device, dtype = placement(model)
-    cuda = is_cuda(device)
-    budget = Budget(cut.memory_budget, direction, cuda) if cut.memory_budget is not None else \
-        default_budget(device, model, direction) or Budget(2**62, direction, cuda, "unknown")
+    budget = Budget(cut.memory_budget, direction) if cut.memory_budget is not None else \
+        default_budget(device, model, direction) or Budget(2**62, direction, source="unknown")
     return Policy(model.config, dtype, model.levers, budget, cut.mode, cut.chunk, cut.tile, warn=warn)
 
 
