@@ -76,7 +76,7 @@ def test_a_sample_is_the_latent_file_encode_writes_and_its_row(sharded, data, we
     batches = []
     real = convert.encode_batch
     monkeypatch.setattr(convert, "encode_batch",
-                        lambda model, clips, *a: batches.append(len(clips)) or real(model, clips, *a))
+                        lambda model, clips, *a, **k: batches.append(len(clips)) or real(model, clips, *a, **k))
     r = runner.invoke(app, args(data, tmp_path / "files", weights, "--buckets", "32x32,48x32,32x48", "--batch-size", 2))
     assert r.exit_code == 0, r.output
     assert batches == [2, 2, 1]  # one bucket (48x32): batched along B
