@@ -70,6 +70,16 @@ class PhotoProgress:
             self.progress(add)
 
 
+def by_tiles(progress: Progress | None, photos: int, *shares: float) -> tuple[Progress | None, list]:
+    """(where to report frames, an `on_tile` for each tiled pass of `shares`): for `photos` > 0
+    (inputs of one frame each), a `PhotoProgress` that their tiles move; else `progress` as it is
+    and no tile callbacks."""
+    if not (photos and progress):
+        return progress, [None] * len(shares)
+    photo = PhotoProgress(progress, photos)
+    return photo, [photo.tiles(share) for share in shares]
+
+
 # --- the one failure policy for many inputs ----------------------------------------------------
 
 def per_input(error: BaseException) -> bool:
@@ -208,9 +218,8 @@ def encode_files(model: CausalVAE, jobs: Sequence[tuple[media.MediaFile | Path, 
         lengths = [run.select.expected_frames(run.source.info) for run in live]
         frames = None if None in lengths else max(lengths)
         opts = _options(options, width, height, image, frames, len(live))
-        photos = PhotoProgress(progress, len(live)) if image and progress else None
-        report = photos or progress
-        chunks = encode_batch(model, streams, opts, on_tile=photos.tiles(1.0) if photos else None)
+        report, (on_tile,) = by_tiles(progress, len(live) if image else 0, 1.0)
+        chunks = encode_batch(model, streams, opts, on_tile=on_tile)
         with contextlib.closing(background(chunks, prefetch)) as chunks:
             for i, mean, logvar in chunks:
                 run = live[i]
@@ -401,10 +410,8 @@ def decode_file(model: CausalVAE, src: LatentFile | Path, dst: Path, options: Op
     remove_stale(dst)
     opts = _options(options, meta.width, meta.height, meta.fps is None, meta.padded_frames)
     step = max(1, opts.chunk // model.config.time_compression)
-    photo = PhotoProgress(progress, 1) if meta.fps is None and progress else None
-    progress = photo or progress
-    chunks = decode_latents(model, latent.iter_chunks(step), opts, meta.height, meta.width,
-                            on_tile=photo.tiles(1.0) if photo else None)
+    progress, (on_tile,) = by_tiles(progress, 1 if meta.fps is None else 0, 1.0)
+    chunks = decode_latents(model, latent.iter_chunks(step), opts, meta.height, meta.width, on_tile=on_tile)
     frames = _write_frames(dst, background(chunks, prefetch), meta.fps, meta.frames, crf, progress,
                            times=meta.frame_times)
     return Result(dst, frames)
@@ -463,12 +470,10 @@ def reconstruct_file(model: CausalVAE, src: media.MediaFile | Path, dst: Path, o
                 check_finite(mean, str(source.path))
                 yield mean
 
-        photo = PhotoProgress(progress, 1) if info.is_image and progress else None
-        progress = photo or progress
-        latents = finite(encode_frames(model, remember(frames), opts,
-                                       on_tile=photo.tiles(1 - DECODE_SHARE) if photo else None))
-        chunks = background(decode_latents(model, latents, opts, height, width,
-                                           on_tile=photo.tiles(DECODE_SHARE) if photo else None), prefetch)
+        progress, (on_encode, on_decode) = by_tiles(progress, 1 if info.is_image else 0,
+                                                    1 - DECODE_SHARE, DECODE_SHARE)
+        latents = finite(encode_frames(model, remember(frames), opts, on_tile=on_encode))
+        chunks = background(decode_latents(model, latents, opts, height, width, on_tile=on_decode), prefetch)
         keep_times = not (info.is_image or select.fps)
         count = _write_frames(dst, chunks, None if info.is_image else select.output_fps(info), 2**62, crf,
                               progress, transform=pair, times=times if keep_times else None,
