@@ -28,6 +28,10 @@ def speed(rate: float) -> str:
     return f"{rate:.1f} frames/s" if rate >= 1 else f"{1 / rate:.{1 if rate > 0.1 else 0}f} s/frame"
 
 
+def clock(seconds: int) -> str:
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _rate(task) -> float | None:
     """Frames per second since the job began. Not rich's own `task.speed`: that needs two updates
     within its last 30 s, and one chunk through the model on a CPU can take longer than that, so
@@ -56,7 +60,7 @@ class TimeLeftColumn(ProgressColumn):
             return Text("-:--:--", style="progress.remaining")
         else:
             left = int(max(task.total - task.completed, 0) / rate)
-        return Text(f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}", style="progress.remaining")
+        return Text(clock(left), style="progress.remaining")
 
 
 def BAR_COLUMNS() -> tuple[ProgressColumn, ...]:  # noqa: N802 (a constant, made fresh per bar)
@@ -114,7 +118,6 @@ class _Ticker:
             rate = self.done / max(now - self.start, 1e-9)
             left = ""
             if self.total and rate > 0:  # as the bar's column: what is left at the rate so far
-                s = int(max(self.total - self.done, 0) / rate)
-                left = f", {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d} left"
+                left = f", {clock(int(max(self.total - self.done, 0) / rate))} left"
             shown = speed(rate) if rate > 0 else "0.0 frames/s"
             self.out.info(escape(f"{self.description}: {frames_done(self.done, self.total)} frames, {shown}{left}"))
